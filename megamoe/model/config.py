@@ -1,0 +1,227 @@
+"""Model, MoE and parallel-layout configuration sections.
+
+Defaults are Llama/Mixtral-like (RMSNorm, RoPE, SwiGLU, no biases, untied head) so that
+models export to stock Hugging Face architectures when their MoE choices allow it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megamoe.config import ConfigError, check
+
+HashVariant = Literal[
+    "random", "balanced", "bigram", "previous", "position", "clustered", "dispersed", "oracle_future"
+]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None -> num_heads (MHA); fewer -> grouped-query attention
+    ffn_hidden_size: int = 688
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_embeddings: bool = False
+    bias: bool = False
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
+                     "max_position_embeddings"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        check(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
+              f"must divide hidden_size={self.hidden_size}")
+        if self.num_kv_heads is not None:
+            check(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                  self.num_kv_heads, f"must be > 0 and divide num_heads={self.num_heads}")
+        if self.position_embedding == "rope":
+            check(self.head_dim % 2 == 0, "hidden_size", self.hidden_size,
+                  "hidden_size/num_heads must be even for RoPE")
+        check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """Learned top-k router (Switch when top_k=1)."""
+
+    top_k: int = 1
+    capacity_factor: float = 1.25  # <= 0 means dropless
+    eval_capacity_factor: float = 2.0  # <= 0 means dropless
+    drop_policy: Literal["position", "probability"] = "probability"
+    normalize_top_k: bool = True  # renormalise combine weights over the k chosen (k > 1)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    jitter_eps: float = 0.0  # multiplicative U(1-eps, 1+eps) noise on router input in training
+
+    def __post_init__(self):
+        check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        check(self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+        check(self.z_loss_coef >= 0, "z_loss_coef", self.z_loss_coef, "must be >= 0")
+        check(0 <= self.jitter_eps < 1, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class HashConfig:
+    """Token-id routing (Hash Layers, Roller et al. 2021)."""
+
+    variant: HashVariant = "random"
+    num_hashes: int = 1  # > 1: MultiHash
+    counts_file: str | None = None  # unigram counts (tools/count_tokens.py); needed by 'balanced'
+    embedding_checkpoint: str | None = None  # needed by 'clustered' / 'dispersed'
+    seed: int = 1234
+    bigram_prime: int = 7919
+    allow_oracle: bool = False  # 'oracle_future' leaks the label: analysis only
+    expert_type: Literal["ffn", "mpo"] = "ffn"
+
+    def __post_init__(self):
+        check(self.num_hashes >= 1, "num_hashes", self.num_hashes, "must be >= 1")
+        if self.variant == "balanced":
+            check(self.counts_file is not None, "counts_file", self.counts_file,
+                  "variant 'balanced' needs unigram counts: run tools/count_tokens.py and set moe.hash.counts_file")
+        if self.variant in ("clustered", "dispersed"):
+            check(self.embedding_checkpoint is not None, "embedding_checkpoint", self.embedding_checkpoint,
+                  f"variant {self.variant!r} needs the checkpoint whose token embeddings are clustered")
+        if self.variant == "oracle_future":
+            check(self.allow_oracle, "allow_oracle", self.allow_oracle,
+                  "variant 'oracle_future' routes by the next token (the label); set allow_oracle=true "
+                  "to run it as an analysis, never for real training")
+
+
+@dataclass(kw_only=True)
+class MPOConfig:
+    """Matrix-product-operator experts with one central tensor shared across a layer's experts."""
+
+    num_tensors: int = 5
+    # Factorisations of (hidden_size, ffn_hidden_size); empty -> chosen automatically.
+    input_shape: list[int] = field(default_factory=list)
+    output_shape: list[int] = field(default_factory=list)
+    max_bond_dim: int = 0  # 0 -> no truncation (exact)
+    init: Literal["scratch", "upcycle"] = "scratch"
+    upcycle_noise: float = 0.01  # relative noise on auxiliary tensors when upcycling
+    grad_mask: Literal["none", "bernoulli", "step", "freeze"] = "none"
+    grad_mask_p: float = 0.5
+    grad_mask_seed: int = 4321
+    central_lr_scale: float = 1.0  # separate LR for central tensors = lr * scale
+
+    def __post_init__(self):
+        check(self.num_tensors >= 2, "num_tensors", self.num_tensors, "must be >= 2")
+        for name in ("input_shape", "output_shape"):
+            shape = getattr(self, name)
+            check(not shape or len(shape) == self.num_tensors, name, shape,
+                  f"must have num_tensors={self.num_tensors} factors (or be empty for automatic)")
+            check(all(s >= 1 for s in shape), name, shape, "factors must be >= 1")
+        check(self.max_bond_dim >= 0, "max_bond_dim", self.max_bond_dim, "must be >= 0 (0 = exact)")
+        check(0.0 <= self.grad_mask_p <= 1.0, "grad_mask_p", self.grad_mask_p, "must be in [0, 1]")
+        check(self.central_lr_scale >= 0, "central_lr_scale", self.central_lr_scale, "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Which blocks are sparse and how. ``layers`` and ``every`` pick the MoE blocks;
+    ``hash_layers`` (a subset) use token-id routing instead of the learned router."""
+
+    num_experts: int = 0  # 0 -> dense model
+    layers: list[int] | None = None  # explicit block indices
+    every: int = 0  # every k-th block (blocks k-1, 2k-1, ...); 1 -> all blocks
+    hash_layers: list[int] = field(default_factory=list)
+    expert_type: Literal["ffn", "mpo"] = "ffn"  # for learned-router layers
+    expert_ffn_hidden_size: int | None = None  # None -> model.ffn_hidden_size
+    router: RouterConfig = field(default_factory=RouterConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    mpo: MPOConfig = field(default_factory=MPOConfig)
+
+    def __post_init__(self):
+        check(self.num_experts >= 0, "num_experts", self.num_experts, "must be >= 0 (0 = dense)")
+        check(self.every >= 0, "every", self.every, "must be >= 0")
+        check(not (self.layers is not None and self.every), "layers", self.layers,
+              "set either layers (explicit list) or every (every k-th block), not both")
+        if self.num_experts:
+            check(self.router.top_k <= self.num_experts, "router.top_k", self.router.top_k,
+                  f"must be <= num_experts={self.num_experts}")
+
+    def moe_layer_indices(self, num_layers: int) -> list[int]:
+        if not self.num_experts:
+            return []
+        if self.layers is not None:
+            chosen = list(self.layers)
+        elif self.every:
+            chosen = list(range(self.every - 1, num_layers, self.every))
+        else:
+            chosen = []
+        return sorted(set(chosen) | set(self.hash_layers))
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Layout: world = tensor_parallel x data_parallel; expert_parallel divides data_parallel
+    (experts are sharded over EP ranks taken from the data-parallel ranks, as in DeepSpeed-MoE
+    and Megatron-core); expert params are replicated over DP / EP ranks."""
+
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        check(self.tensor_parallel >= 1, "tensor_parallel", self.tensor_parallel, "must be >= 1")
+        check(self.expert_parallel >= 1, "expert_parallel", self.expert_parallel, "must be >= 1")
+        check(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
+              self.sequence_parallel, "needs tensor_parallel > 1")
+
+    def data_parallel(self, world_size: int) -> int:
+        check(world_size % self.tensor_parallel == 0, "parallel.tensor_parallel", self.tensor_parallel,
+              f"must divide the world size {world_size}")
+        dp = world_size // self.tensor_parallel
+        check(dp % self.expert_parallel == 0, "parallel.expert_parallel", self.expert_parallel,
+              f"must divide the data-parallel size {dp} (world {world_size} / tensor_parallel "
+              f"{self.tensor_parallel}); world size must be divisible by TP x EP")
+        return dp
+
+
+def check_model_layout(model: ModelConfig, moe: MoEConfig, parallel: ParallelConfig) -> None:
+    """Cross-section checks that name full field paths. Called by the top-level config."""
+    tp, ep = parallel.tensor_parallel, parallel.expert_parallel
+    if model.num_heads % tp:
+        raise ConfigError("model.num_heads", model.num_heads, f"must be divisible by parallel.tensor_parallel={tp}")
+    if model.kv_heads % tp:
+        raise ConfigError("model.num_kv_heads", model.kv_heads, f"must be divisible by parallel.tensor_parallel={tp}")
+    if model.ffn_hidden_size % tp:
+        raise ConfigError("model.ffn_hidden_size", model.ffn_hidden_size,
+                          f"must be divisible by parallel.tensor_parallel={tp}")
+    if moe.num_experts:
+        ffn = moe.expert_ffn_hidden_size or model.ffn_hidden_size
+        if ffn % tp:
+            raise ConfigError("moe.expert_ffn_hidden_size", ffn, f"must be divisible by parallel.tensor_parallel={tp}")
+        if moe.num_experts % ep:
+            raise ConfigError("moe.num_experts", moe.num_experts,
+                              f"must be divisible by parallel.expert_parallel={ep}")
+        for i in moe.moe_layer_indices(model.num_layers):
+            if not 0 <= i < model.num_layers:
+                raise ConfigError("moe.layers", i, f"block indices must be in [0, {model.num_layers})")
+        if moe.mpo.input_shape and math.prod(moe.mpo.input_shape) != model.hidden_size:
+            raise ConfigError("moe.mpo.input_shape", moe.mpo.input_shape,
+                              f"product must equal model.hidden_size={model.hidden_size}")
+        if moe.mpo.output_shape and math.prod(moe.mpo.output_shape) != ffn:
+            raise ConfigError("moe.mpo.output_shape", moe.mpo.output_shape,
+                              f"product must equal the expert FFN width {ffn}")
+    elif ep > 1:
+        raise ConfigError("parallel.expert_parallel", ep, "needs moe.num_experts > 0")

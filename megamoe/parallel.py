@@ -1,0 +1,155 @@
+"""Process groups, set up in one place: megatron-core's ``parallel_state`` (TP x EP x DP).
+
+Layout: ``world = TP x DP``. Expert parallelism takes its ranks from the data-parallel ranks
+(``EP | DP``): non-expert parameters are replicated over DP and reduced over DP; expert
+parameters are sharded over EP and reduced over the expert-data-parallel group (DP / EP).
+Experts use the same tensor-parallel size as the dense layers (``expert_tensor_parallel =
+TP``).
+
+Traps:
+- megatron-core's ``model_parallel_cuda_manual_seed`` asserts CUDA; on CPU we only seed
+  torch/numpy/python (see :func:`seed_everything`).
+- ``initialize_model_parallel`` needs ``torch.distributed`` already initialised; for a single
+  process we create a world of size 1 (gloo on a free port) so the same code path runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megamoe.model.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    ep: int
+    dp: int
+
+    @property
+    def expert_dp(self) -> int:
+        return self.dp // self.ep
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise torch.distributed from launcher env vars (deepspeed/torchrun/srun), or a
+    world of one when launched as a plain ``python`` process."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+
+
+def init_parallel(parallel: ParallelConfig, backend: str | None = None) -> Layout:
+    """Create the TP/EP/DP groups in megatron-core's parallel_state; returns the layout."""
+    from megatron.core import parallel_state as ps
+
+    init_distributed(backend)
+    world = dist.get_world_size()
+    dp = parallel.data_parallel(world)  # raises ConfigError naming the field
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.tensor_parallel,
+        create_gloo_process_groups=False,
+    )
+    return Layout(world=world, tp=parallel.tensor_parallel, ep=parallel.expert_parallel, dp=dp)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# Thin getters so model code never imports parallel_state directly (and works un-initialised).
+def _ps():
+    from megatron.core import parallel_state as ps
+
+    return ps if ps.model_parallel_is_initialized() else None
+
+
+def tp_group():
+    ps = _ps()
+    return ps.get_tensor_model_parallel_group() if ps else None
+
+
+def tp_size() -> int:
+    ps = _ps()
+    return ps.get_tensor_model_parallel_world_size() if ps else 1
+
+
+def tp_rank() -> int:
+    ps = _ps()
+    return ps.get_tensor_model_parallel_rank() if ps else 0
+
+
+def ep_group():
+    ps = _ps()
+    return ps.get_expert_model_parallel_group() if ps else None
+
+
+def ep_size() -> int:
+    ps = _ps()
+    return ps.get_expert_model_parallel_world_size() if ps else 1
+
+
+def ep_rank() -> int:
+    ps = _ps()
+    return ps.get_expert_model_parallel_rank() if ps else 0
+
+
+def dp_group():
+    ps = _ps()
+    return ps.get_data_parallel_group() if ps else None
+
+
+def dp_size() -> int:
+    ps = _ps()
+    return ps.get_data_parallel_world_size() if ps else 1
+
+
+def dp_rank() -> int:
+    ps = _ps()
+    return ps.get_data_parallel_rank() if ps else 0
+
+
+def expert_dp_group():
+    ps = _ps()
+    return ps.get_expert_data_parallel_group() if ps else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -42,9 +42,12 @@ $(DATA)/corpus_text_document.idx: $(DATA)/tokenizer/spm.model
 	$(BIN)/python tools/preprocess_data.py --input $(DATA)/raw/corpus.jsonl --json-keys text \
 	  --tokenizer-model $(DATA)/tokenizer/spm.model --output-prefix $(DATA)/corpus \
 	  --workers 2 --append-eod
+
+# unigram counts for the balanced hash router (1-D int64, length = vocab size)
+$(DATA)/corpus_text_document.counts.npy: $(DATA)/corpus_text_document.idx
 	$(BIN)/python tools/count_tokens.py --data-prefix $(DATA)/corpus_text_document
 
-data: $(DATA)/corpus_text_document.idx
+data: $(DATA)/corpus_text_document.counts.npy
 
 demo: data
 	@echo "== data pipeline complete: $(DATA)/corpus_text_document.{bin,idx} =="

@@ -88,6 +88,9 @@ class HashConfig:
     num_hashes: int = 1  # > 1: MultiHash
     counts_file: str | None = None  # unigram counts (tools/count_tokens.py); needed by 'balanced'
     embedding_checkpoint: str | None = None  # needed by 'clustered' / 'dispersed'
+    # A prebuilt [num_hashes, K] int64 table (.npy, e.g. from tools/build_hash_table.py); when set,
+    # the table is read from it instead of being built (counts / checkpoint then not needed).
+    table_file: str | None = None
     seed: int = 1234
     bigram_prime: int = 7919
     allow_oracle: bool = False  # 'oracle_future' leaks the label: analysis only
@@ -95,10 +98,10 @@ class HashConfig:
 
     def __post_init__(self):
         check(self.num_hashes >= 1, "num_hashes", self.num_hashes, "must be >= 1")
-        if self.variant == "balanced":
+        if self.variant == "balanced" and self.table_file is None:
             check(self.counts_file is not None, "counts_file", self.counts_file,
                   "variant 'balanced' needs unigram counts: run tools/count_tokens.py and set moe.hash.counts_file")
-        if self.variant in ("clustered", "dispersed"):
+        if self.variant in ("clustered", "dispersed") and self.table_file is None:
             check(self.embedding_checkpoint is not None, "embedding_checkpoint", self.embedding_checkpoint,
                   f"variant {self.variant!r} needs the checkpoint whose token embeddings are clustered")
         if self.variant == "oracle_future":
@@ -204,13 +207,26 @@ def check_model_layout(model: ModelConfig, moe: MoEConfig, parallel: ParallelCon
         raise ConfigError("model.num_heads", model.num_heads, f"must be divisible by parallel.tensor_parallel={tp}")
     if model.kv_heads % tp:
         raise ConfigError("model.num_kv_heads", model.kv_heads, f"must be divisible by parallel.tensor_parallel={tp}")
+    if model.vocab_size % tp:
+        raise ConfigError("model.vocab_size", model.vocab_size,
+                          f"must be divisible by parallel.tensor_parallel={tp} (pad the vocabulary)")
     if model.ffn_hidden_size % tp:
         raise ConfigError("model.ffn_hidden_size", model.ffn_hidden_size,
                           f"must be divisible by parallel.tensor_parallel={tp}")
+    if moe.num_experts and not moe.moe_layer_indices(model.num_layers):
+        raise ConfigError("moe.num_experts", moe.num_experts,
+                          "no block is sparse: also set moe.layers (list), moe.every (k) or moe.hash_layers")
+    if not moe.num_experts and (moe.layers or moe.hash_layers):
+        raise ConfigError("moe.num_experts", moe.num_experts,
+                          "moe.layers / moe.hash_layers are set but num_experts is 0: set num_experts > 0")
     if moe.num_experts:
         ffn = moe.expert_ffn_hidden_size or model.ffn_hidden_size
         if ffn % tp:
             raise ConfigError("moe.expert_ffn_hidden_size", ffn, f"must be divisible by parallel.tensor_parallel={tp}")
+        if moe.hash_layers and ffn % (moe.hash.num_hashes * tp):
+            raise ConfigError("moe.hash.num_hashes", moe.hash.num_hashes,
+                              f"MultiHash splits the expert FFN width {ffn} into num_hashes blocks, each "
+                              f"split over parallel.tensor_parallel={tp}: num_hashes x TP must divide it")
         if moe.num_experts % ep:
             raise ConfigError("moe.num_experts", moe.num_experts,
                               f"must be divisible by parallel.expert_parallel={ep}")

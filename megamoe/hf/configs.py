@@ -1,0 +1,217 @@
+"""Config mapping: megamoe ModelConfig/MoEConfig <-> LlamaConfig / MixtralConfig / MegamoeConfig,
+and the choice of export target.
+
+Target rules (``choose_target``): a model exports to a *stock* architecture only when that
+architecture computes exactly what megamoe computes:
+
+- ``llama``: no MoE blocks, SwiGLU, RMSNorm, RoPE (biases allowed: Llama has attention_bias
+  and mlp_bias).
+- ``mixtral``: every block an MoE block with the learned router, FFN SwiGLU experts, RMSNorm,
+  RoPE, no biases, ``top_k >= 2`` with ``normalize_top_k``. Mixtral always renormalises the
+  top-k weights, so a top-1 (Switch) model, whose combine weight is the raw router
+  probability p, is NOT Mixtral (Mixtral would use 1.0) and goes to ``megamoe``. Mixtral is
+  dropless: a native eval capacity that drops tokens is the one documented difference.
+- ``megamoe``: everything else (hash layers, MPO experts, GELU, LayerNorm, learned positions,
+  mixed dense/MoE patterns, top-1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megamoe.errors import UserError
+from megamoe.model.config import ModelConfig, MoEConfig, RouterConfig
+
+TARGETS = ("llama", "mixtral", "megamoe")
+
+
+def _common_stock_gaps(m: ModelConfig) -> list[str]:
+    gaps = []
+    if m.activation != "swiglu":
+        gaps.append(f"model.activation={m.activation!r} (needs swiglu)")
+    if m.norm != "rmsnorm":
+        gaps.append(f"model.norm={m.norm!r} (needs rmsnorm)")
+    if m.position_embedding != "rope":
+        gaps.append(f"model.position_embedding={m.position_embedding!r} (needs rope)")
+    return gaps
+
+
+def target_gaps(target: str, m: ModelConfig, moe: MoEConfig) -> list[str]:
+    """Why ``target`` cannot express the model ([] when it can)."""
+    if target == "megamoe":
+        if moe.num_experts and moe.hash_layers and moe.hash.variant == "oracle_future":
+            return ["moe.hash.variant='oracle_future' routes by the next token, which does not exist at "
+                    "inference (analysis-only variant)"]
+        return []
+    moe_layers = moe.moe_layer_indices(m.num_layers)
+    gaps = _common_stock_gaps(m)
+    if target == "llama":
+        if moe_layers:
+            gaps.append(f"MoE blocks {moe_layers} (Llama is dense)")
+        return gaps
+    if target != "mixtral":
+        raise UserError(f"--target {target!r}: choose one of auto, {', '.join(TARGETS)}")
+    if m.bias:
+        gaps.append("model.bias=true (Mixtral has no biases)")
+    if not moe_layers:
+        gaps.append("no MoE blocks (dense model: use llama)")
+    elif moe_layers != list(range(m.num_layers)):
+        gaps.append(f"MoE only in blocks {moe_layers} of {m.num_layers} (Mixtral needs every block MoE)")
+    if moe.hash_layers:
+        gaps.append(f"hash routing in blocks {sorted(moe.hash_layers)} (Mixtral has only a learned router)")
+    if moe.expert_type != "ffn":
+        gaps.append(f"moe.expert_type={moe.expert_type!r} (Mixtral experts are dense SwiGLU FFNs)")
+    if moe_layers and moe.router.top_k == 1:
+        gaps.append("moe.router.top_k=1: Switch scales the expert output by its router probability, "
+                    "Mixtral always renormalises the top-k weights (weight 1.0 for k=1)")
+    elif moe_layers and not moe.router.normalize_top_k:
+        gaps.append("moe.router.normalize_top_k=false (Mixtral always renormalises the top-k weights)")
+    return gaps
+
+
+def choose_target(requested: str, m: ModelConfig, moe: MoEConfig) -> str:
+    if requested == "auto":
+        for t in TARGETS:
+            if not target_gaps(t, m, moe):
+                return t
+        raise UserError("; ".join(target_gaps("megamoe", m, moe)))
+    gaps = target_gaps(requested, m, moe)
+    if gaps:
+        raise UserError(f"--target {requested} cannot express this model: " + "; ".join(gaps)
+                        + ". Use --target auto (picks megamoe when no stock architecture fits).")
+    return requested
+
+
+def _special(tok_ids: dict | None) -> dict:
+    tok_ids = tok_ids or {}
+    return {"bos_token_id": tok_ids.get("bos"), "eos_token_id": tok_ids.get("eos"), "pad_token_id": tok_ids.get("pad")}
+
+
+def _llama_like(m: ModelConfig, tok_ids) -> dict:
+    return dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=m.head_dim,
+                hidden_act="silu", max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_eps,
+                rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+                tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std, **_special(tok_ids))
+
+
+def hf_config(target: str, m: ModelConfig, moe: MoEConfig, sd: dict[str, torch.Tensor], tok_ids=None):
+    """The transformers config object of ``target`` for this model (``sd``: canonical state dict,
+    read for hash-table and MPO tensor shapes)."""
+    if target == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(intermediate_size=m.ffn_hidden_size, attention_bias=m.bias, mlp_bias=m.bias,
+                           architectures=["LlamaForCausalLM"], **_llama_like(m, tok_ids))
+    if target == "mixtral":
+        from transformers import MixtralConfig
+
+        r = moe.router
+        return MixtralConfig(intermediate_size=moe.expert_ffn_hidden_size or m.ffn_hidden_size,
+                             num_local_experts=moe.num_experts, num_experts_per_tok=r.top_k,
+                             router_aux_loss_coef=r.aux_loss_coef, router_jitter_noise=r.jitter_eps,
+                             output_router_logits=False, sliding_window=None, architectures=["MixtralForCausalLM"],
+                             **_llama_like(m, tok_ids))
+    return megamoe_config(m, moe, sd, tok_ids)
+
+
+def megamoe_config(m: ModelConfig, moe: MoEConfig, sd: dict[str, torch.Tensor], tok_ids=None):
+    from megamoe.hf.configuration_megamoe import MegamoeConfig
+    from megamoe.model.gpt import PREV_TOKEN_AT_START
+    from megamoe.moe.mpo import central_index
+
+    moe_layers = moe.moe_layer_indices(m.num_layers)
+    types = ["dense"] * m.num_layers
+    for i in moe_layers:
+        types[i] = "hash" if i in moe.hash_layers else "learned"
+    table_shape = mpo_shapes = None
+    for i in moe_layers:
+        key = f"layers.{i}.moe.router.table"
+        if key in sd:
+            table_shape = list(sd[key].shape)
+        if f"layers.{i}.moe.experts.up_proj.central" in sd:
+            mpo_shapes = {}
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                c = sd.get(f"layers.{i}.moe.experts.{proj}.central")
+                if c is None:
+                    continue
+                n = moe.mpo.num_tensors
+                chain = [sd[f"layers.{i}.moe.experts.0.{proj}.aux{k}"] if k != central_index(n) else c
+                         for k in range(n)]
+                mpo_shapes[proj] = [list(t.shape) for t in chain]
+    r, h, n = moe.router, moe.hash, moe.mpo.num_tensors
+    cfg = MegamoeConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, intermediate_size=m.ffn_hidden_size,
+        expert_intermediate_size=moe.expert_ffn_hidden_size or m.ffn_hidden_size, activation=m.activation,
+        gelu_approximate="none", expert_gelu_approximate="tanh", norm=m.norm, norm_eps=m.norm_eps,
+        position_embedding=m.position_embedding, rope_theta=m.rope_theta,
+        max_position_embeddings=m.max_position_embeddings, bias=m.bias, tie_word_embeddings=m.tie_embeddings,
+        initializer_range=m.init_std, mlp_types=types, num_experts=moe.num_experts, num_experts_per_tok=r.top_k,
+        normalize_top_k=r.normalize_top_k, top1_weight="prob", learned_expert_type=moe.expert_type,
+        hash_variant=h.variant, num_hashes=h.num_hashes, bigram_prime=h.bigram_prime,
+        hash_start_id=PREV_TOKEN_AT_START, hash_expert_type=h.expert_type, hash_table_shape=table_shape,
+        mpo_num_tensors=n, mpo_central_index=central_index(n), mpo_shapes=mpo_shapes, **_special(tok_ids))
+    cfg.auto_map = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
+                    "AutoModelForCausalLM": "modeling_megamoe.MegamoeForCausalLM"}
+    cfg.architectures = ["MegamoeForCausalLM"]
+    # What the native config said about capacity, kept for the record (inference is dropless).
+    cfg.native_eval_capacity_factor = r.eval_capacity_factor
+    return cfg
+
+
+# ---------------------------------------------------------------- import (HF -> megamoe)
+
+def _get(cfg: dict, key: str, default=None):
+    return cfg.get(key, default) if cfg.get(key) is not None else default
+
+
+def from_hf_config(cfg: dict, source: str) -> tuple[str, ModelConfig, MoEConfig]:
+    """config.json dict of a Llama or Mixtral checkpoint -> (arch, ModelConfig, MoEConfig).
+    Refuses features megamoe does not model, naming the config field."""
+    arch = cfg.get("model_type")
+    if arch not in ("llama", "mixtral"):
+        raise UserError(f"{source}: model_type={arch!r}; convert_from_hf reads 'llama' or 'mixtral' checkpoints")
+
+    def refuse(field, value, why):
+        raise UserError(f"{source}: {field}={value!r} is not supported ({why})")
+
+    if _get(cfg, "hidden_act", "silu") != "silu":
+        refuse("hidden_act", cfg["hidden_act"], "megamoe's SwiGLU uses silu")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse("rope_parameters.rope_type", rope.get("rope_type"), "only plain RoPE is implemented")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    D, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    if _get(cfg, "head_dim", D // H) != D // H:
+        refuse("head_dim", cfg["head_dim"], f"megamoe uses hidden_size / num_attention_heads = {D // H}")
+    bias = bool(cfg.get("attention_bias", False))
+    if bool(cfg.get("mlp_bias", False)) != bias:
+        refuse("mlp_bias", cfg.get("mlp_bias"), "megamoe has one bias switch for attention and MLP")
+    if arch == "mixtral" and bias:
+        refuse("attention_bias", True, "megamoe's experts have no biases")
+    window = cfg.get("sliding_window")
+    if window is not None and window < cfg.get("max_position_embeddings", 0):
+        refuse("sliding_window", window, "megamoe attention is full causal attention")
+    model = ModelConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=D, num_layers=cfg["num_hidden_layers"], num_heads=H,
+        num_kv_heads=_get(cfg, "num_key_value_heads", H), ffn_hidden_size=cfg["intermediate_size"],
+        activation="swiglu", norm="rmsnorm", norm_eps=_get(cfg, "rms_norm_eps", 1e-6), position_embedding="rope",
+        rope_theta=float(theta), max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), bias=bias,
+        init_std=_get(cfg, "initializer_range", 0.02))
+    if arch == "llama":
+        return arch, model, MoEConfig()
+    router = RouterConfig(top_k=cfg["num_experts_per_tok"], normalize_top_k=True, eval_capacity_factor=0.0,
+                          aux_loss_coef=_get(cfg, "router_aux_loss_coef", 0.01),
+                          jitter_eps=_get(cfg, "router_jitter_noise", 0.0))
+    moe = MoEConfig(num_experts=cfg["num_local_experts"], every=1, expert_ffn_hidden_size=cfg["intermediate_size"],
+                    router=router)
+    return arch, model, moe
+
+
+def human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.{1 if n / div < 100 else 0}f}{unit}"
+    return str(n)

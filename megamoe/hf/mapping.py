@@ -1,0 +1,133 @@
+"""Declarative key tables between megamoe's canonical full state dict and Hugging Face layouts.
+
+Each table is a list of ``(canonical template, HF template)`` pairs with ``{LAYER}`` and
+``{EXPERT}`` placeholders. ``to_hf`` / ``from_hf`` rename every key through the table and
+raise on any key that no row matches, so no weight is ever dropped or left uninitialised in
+silence (the failure mode of several Megatron converters).
+
+Traps:
+- Mixtral on disk: transformers 5.x *computes* with fused expert tensors
+  (``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj`` [E, D, F]) but
+  ``save_pretrained`` writes, and every version loads, the legacy per-expert layout
+  ``block_sparse_moe.experts.{e}.w1/w2/w3`` (w1 = gate, w3 = up, w2 = down). Exports write the
+  legacy layout; imports accept both (:func:`unfuse_mixtral`).
+- The ``megamoe`` custom architecture mirrors the canonical names under ``model.`` so its
+  table is a pure prefix (hash tables and MPO tensors included).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+
+from megamoe.errors import UserError
+
+_ATTN = [
+    ("layers.{LAYER}.attn_norm.weight", "model.layers.{LAYER}.input_layernorm.weight"),
+    ("layers.{LAYER}.attn.q_proj.weight", "model.layers.{LAYER}.self_attn.q_proj.weight"),
+    ("layers.{LAYER}.attn.k_proj.weight", "model.layers.{LAYER}.self_attn.k_proj.weight"),
+    ("layers.{LAYER}.attn.v_proj.weight", "model.layers.{LAYER}.self_attn.v_proj.weight"),
+    ("layers.{LAYER}.attn.o_proj.weight", "model.layers.{LAYER}.self_attn.o_proj.weight"),
+    ("layers.{LAYER}.mlp_norm.weight", "model.layers.{LAYER}.post_attention_layernorm.weight"),
+]
+_ENDS = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("final_norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+]
+
+LLAMA_KEYS: list[tuple[str, str]] = _ENDS + _ATTN + [
+    ("layers.{LAYER}.mlp.gate_proj.weight", "model.layers.{LAYER}.mlp.gate_proj.weight"),
+    ("layers.{LAYER}.mlp.up_proj.weight", "model.layers.{LAYER}.mlp.up_proj.weight"),
+    ("layers.{LAYER}.mlp.down_proj.weight", "model.layers.{LAYER}.mlp.down_proj.weight"),
+]
+
+MIXTRAL_KEYS: list[tuple[str, str]] = _ENDS + _ATTN + [
+    ("layers.{LAYER}.moe.router.weight", "model.layers.{LAYER}.block_sparse_moe.gate.weight"),
+    ("layers.{LAYER}.moe.experts.{EXPERT}.gate_proj.weight",
+     "model.layers.{LAYER}.block_sparse_moe.experts.{EXPERT}.w1.weight"),
+    ("layers.{LAYER}.moe.experts.{EXPERT}.up_proj.weight",
+     "model.layers.{LAYER}.block_sparse_moe.experts.{EXPERT}.w3.weight"),
+    ("layers.{LAYER}.moe.experts.{EXPERT}.down_proj.weight",
+     "model.layers.{LAYER}.block_sparse_moe.experts.{EXPERT}.w2.weight"),
+]
+
+# megamoe custom architecture: canonical names under "model." (lm_head stays at the top).
+MEGAMOE_KEYS: list[tuple[str, str]] = [
+    ("lm_head.{REST}", "lm_head.{REST}"),
+    ("{REST}", "model.{REST}"),
+]
+
+TABLES = {"llama": LLAMA_KEYS, "mixtral": MIXTRAL_KEYS, "megamoe": MEGAMOE_KEYS}
+
+_FIELDS = {"LAYER": r"(?P<LAYER>\d+)", "EXPERT": r"(?P<EXPERT>\d+)", "REST": r"(?P<REST>.+)"}
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"(\{[A-Z]+\})", template)
+    return re.compile("".join(_FIELDS[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts) + "$")
+
+
+def _rename(keys: Iterable[str], rows: list[tuple[str, str]], what: str) -> dict[str, str]:
+    compiled = [(_compile(src), dst) for src, dst in rows]
+    out = {}
+    for key in keys:
+        for pattern, dst in compiled:
+            m = pattern.match(key)
+            if m:
+                out[key] = dst.format(**m.groupdict())
+                break
+        else:
+            raise UserError(f"{what}: tensor {key!r} has no entry in the conversion table; "
+                            "the target architecture cannot express this model")
+    return out
+
+
+def _flip(rows):
+    return [(hf, canon) for canon, hf in rows]
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """Canonical names -> HF names of ``arch`` ('llama' | 'mixtral' | 'megamoe')."""
+    names = _rename(state_dict, TABLES[arch], f"export to {arch}")
+    return {names[k]: v for k, v in state_dict.items()}
+
+
+def from_hf(state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """HF names of ``arch`` -> canonical names (Mixtral fused tensors are split first)."""
+    if arch == "mixtral":
+        state_dict = unfuse_mixtral(state_dict)
+    names = _rename(state_dict, _flip(TABLES[arch]), f"import from {arch}")
+    return {names[k]: v for k, v in state_dict.items()}
+
+
+_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+
+
+def unfuse_mixtral(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rewrite transformers-5 fused Mixtral tensors into the legacy per-expert layout.
+
+    ``gate_up_proj[e]`` is ``cat([gate_e, up_e], dim=0)`` (the model splits it with
+    ``chunk(2, dim=-1)`` after the matmul), so rows ``[:F]`` are w1 and ``[F:]`` are w3.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        m = _FUSED.match(key)
+        if not m:
+            out[key] = value
+            continue
+        layer, kind = m.groups()
+        base = f"model.layers.{layer}.block_sparse_moe"
+        if kind == "gate.weight":
+            out[f"{base}.gate.weight"] = value
+        elif kind == "experts.down_proj":
+            for e in range(value.shape[0]):
+                out[f"{base}.experts.{e}.w2.weight"] = value[e].clone()
+        else:
+            gate, up = value.chunk(2, dim=1)
+            for e in range(value.shape[0]):
+                out[f"{base}.experts.{e}.w1.weight"] = gate[e].clone()
+                out[f"{base}.experts.{e}.w3.weight"] = up[e].clone()
+    return out

@@ -1,0 +1,85 @@
+"""Token dispatch: permute (token, choice) pairs by expert slot, exchange them over the
+expert-parallel group, and bring the expert outputs back (combine).
+
+Legend: T tokens, D width, N kept (token, choice) pairs on this rank, S slots (global),
+L slots per EP rank, P EP ranks, R rows received by this rank.
+
+A *slot* is what one expert computes: normally slot = expert; for MultiHash with n hashes
+slot = expert * n + hash (block m of expert e), so that slots of one expert stay
+contiguous and EP sharding by expert equals sharding by slot.
+
+Steps: ``dispatch`` sorts kept pairs by slot (stable, so each slot sees its tokens in
+token order), gathers rows, and with EP > 1 exchanges per-slot counts then rows with
+``all_to_all_single`` (variable splits, autograd-aware via ``torch.distributed.nn``), and
+regroups the received rows by local slot. ``combine`` undoes each step and scatter-adds
+``weight * y`` into the tokens' rows; dropped pairs never enter, so they add 0 and the
+token rides the residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DispatchPlan:
+    token_idx_N: torch.Tensor  # token row of each sorted pair
+    weights_N: torch.Tensor  # combine weight of each sorted pair
+    counts_S: torch.Tensor  # pairs per global slot routed by this rank
+    send_splits: list[int] | None = None  # rows sent to each EP rank
+    recv_splits: list[int] | None = None
+    regroup_R: torch.Tensor | None = None  # received row order -> grouped by local slot
+    num_tokens: int = 0
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_to_all_single
+
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+
+
+class Dispatcher:
+    def __init__(self, num_slots: int, ep_size: int = 1, ep_group=None):
+        assert num_slots % ep_size == 0, (num_slots, ep_size)
+        self.num_slots, self.ep_size, self.group = num_slots, ep_size, ep_group
+        self.local_slots = num_slots // ep_size
+
+    def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 keep_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+        """-> (rows grouped by local slot [R, D], rows per local slot [L], plan)."""
+        T, K = slot_ids_TK.shape
+        token_TK = torch.arange(T, device=x_TD.device).unsqueeze(1).expand(T, K)
+        keep_N = keep_TK.reshape(-1)
+        slots_N = slot_ids_TK.reshape(-1)[keep_N]
+        order = torch.argsort(slots_N, stable=True)
+        token_idx_N = token_TK.reshape(-1)[keep_N][order]
+        plan = DispatchPlan(token_idx_N=token_idx_N, weights_N=weights_TK.reshape(-1)[keep_N][order],
+                            counts_S=torch.bincount(slots_N, minlength=self.num_slots), num_tokens=T)
+        x_ND = x_TD[token_idx_N]
+        if self.ep_size == 1:
+            return x_ND, plan.counts_S, plan
+        P, L = self.ep_size, self.local_slots
+        recv_counts_PL = torch.empty_like(plan.counts_S)
+        dist.all_to_all_single(recv_counts_PL, plan.counts_S, group=self.group)
+        recv_counts_PL = recv_counts_PL.view(P, L)
+        plan.send_splits = plan.counts_S.view(P, L).sum(1).tolist()
+        plan.recv_splits = recv_counts_PL.sum(1).tolist()
+        x_RD = _all_to_all(x_ND, plan.recv_splits, plan.send_splits, self.group)
+        local_slot_R = torch.repeat_interleave(
+            torch.arange(L, device=x_TD.device).repeat(P), recv_counts_PL.reshape(-1))
+        plan.regroup_R = torch.argsort(local_slot_R, stable=True)
+        return x_RD[plan.regroup_R], recv_counts_PL.sum(0), plan
+
+    def combine(self, y_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Expert outputs grouped by local slot -> [T, D] (weighted sum over kept choices)."""
+        if self.ep_size > 1:
+            y_back = torch.empty_like(y_RD)
+            y_back = y_back.index_copy(0, plan.regroup_R, y_RD)
+            y_RD = _all_to_all(y_back, plan.send_splits, plan.recv_splits, self.group)
+        y_ND = y_RD * plan.weights_N.to(y_RD.dtype).unsqueeze(1)
+        out = y_RD.new_zeros((plan.num_tokens, y_RD.shape[1]))
+        return out.index_add(0, plan.token_idx_N, y_ND)

@@ -1,0 +1,124 @@
+"""The MoE layer: route -> dispatch -> experts -> combine.
+
+Legend: T tokens (all leading dims of x flattened), D width, E experts, K choices per token
+(top-k, or the number of hashes for MultiHash), S = E * blocks slots, L local slots.
+
+``MoELayer(model_cfg, moe_cfg, layer_index)`` picks the router (hash when ``layer_index`` is in
+``moe_cfg.hash_layers``, learned top-k otherwise) and the experts (``ffn`` or ``mpo``: for hash
+layers ``moe_cfg.hash.expert_type``, else ``moe_cfg.expert_type``). Process groups come from
+megamoe.parallel at construction (EP shards experts, TP shards FFN experts' width); build it
+after ``init_parallel`` (or without it for one process).
+
+``forward(x[..., D], routing: RoutingContext) -> (y same shape, MoEStats)``. The input must be
+the full sequence on every TP rank (with sequence parallelism the decoder gathers before and
+scatters after the layer). Losses in MoEStats are unscaled and computed over this rank's
+tokens; the decoder adds ``aux_loss_coef * lb_loss + z_loss_coef * z_loss`` to the loss.
+
+Full state dict: :meth:`gather_full` / :meth:`load_full` map to/from the canonical names of
+notes/common.md (``{prefix}router.weight|table``, ``{prefix}experts...``), gathering or slicing
+EP and TP shards; every rank gets / gives the full dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megamoe import parallel
+from megamoe.model.config import ModelConfig, MoEConfig
+from megamoe.moe.dispatcher import Dispatcher
+from megamoe.moe.experts import FFNExperts
+from megamoe.moe.hashing import HashRouter, RoutingContext
+from megamoe.moe.mpo import MPOExperts
+from megamoe.moe.router import LearnedRouter, RouterOutput
+
+__all__ = ["MoELayer", "MoEStats", "RoutingContext"]
+
+
+@dataclass
+class MoEStats:
+    lb_loss: torch.Tensor  # unscaled Switch load-balancing loss (0 for hash)
+    z_loss: torch.Tensor  # unscaled router z-loss (0 for hash)
+    aux_loss_coef: float
+    z_loss_coef: float
+    tokens_per_expert: torch.Tensor  # [E] long, kept (token, choice) pairs routed by this rank
+    dropped_fraction: torch.Tensor  # share of (token, choice) pairs dropped by capacity
+    router_entropy: torch.Tensor  # mean entropy of router probabilities (0 for hash)
+
+    @property
+    def weighted_loss(self) -> torch.Tensor:
+        return self.aux_loss_coef * self.lb_loss + self.z_loss_coef * self.z_loss
+
+
+class MoELayer(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, layer_index: int, *, build_tables: bool = True):
+        super().__init__()
+        E, D = moe_cfg.num_experts, model_cfg.hidden_size
+        F = moe_cfg.expert_ffn_hidden_size or model_cfg.ffn_hidden_size
+        self.is_hash = layer_index in moe_cfg.hash_layers
+        self.num_experts, self.hidden = E, D
+        self.num_blocks = moe_cfg.hash.num_hashes if self.is_hash else 1
+        rc = moe_cfg.router
+        self.aux_loss_coef = 0.0 if self.is_hash else rc.aux_loss_coef
+        self.z_loss_coef = 0.0 if self.is_hash else rc.z_loss_coef
+        ep, ep_rank, ep_group = parallel.ep_size(), parallel.ep_rank(), parallel.ep_group()
+        tp, tp_rank, tp_group = parallel.tp_size(), parallel.tp_rank(), parallel.tp_group()
+        if self.is_hash:
+            self.router = HashRouter(moe_cfg.hash, E, model_cfg.vocab_size, model_cfg.max_position_embeddings,
+                                     build=build_tables)
+        else:
+            self.router = LearnedRouter(D, E, rc, model_cfg.init_std)
+        expert_type = moe_cfg.hash.expert_type if self.is_hash else moe_cfg.expert_type
+        common = dict(num_blocks=self.num_blocks, ep_size=ep, ep_rank=ep_rank, ep_group=ep_group,
+                      init_std=model_cfg.init_std)
+        if expert_type == "mpo":
+            m = moe_cfg.mpo
+            self.experts = MPOExperts(D, F, E, model_cfg.activation, num_tensors=m.num_tensors,
+                                      input_shape=m.input_shape, output_shape=m.output_shape,
+                                      max_bond=m.max_bond_dim, seed=int(torch.randint(0, 2**31, ())), **common)
+        else:
+            self.experts = FFNExperts(D, F, E, model_cfg.activation, tp_size=tp, tp_rank=tp_rank,
+                                      tp_group=tp_group, **common)
+        self.dispatcher = Dispatcher(E * self.num_blocks, ep, ep_group)
+
+    # ---- steps ----
+    def route(self, x_TD: torch.Tensor, routing: RoutingContext | None) -> RouterOutput:
+        return self.router(x_TD, routing)
+
+    def slots(self, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+        if self.num_blocks == 1:
+            return expert_ids_TK
+        return expert_ids_TK * self.num_blocks + torch.arange(self.num_blocks, device=expert_ids_TK.device)
+
+    def stats(self, r: RouterOutput) -> MoEStats:
+        kept = r.expert_ids_TK[r.keep_TK]
+        if r.probs_TE is not None:
+            p = r.probs_TE.detach()
+            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+        else:
+            entropy = torch.zeros(())
+        return MoEStats(lb_loss=r.lb_loss, z_loss=r.z_loss, aux_loss_coef=self.aux_loss_coef,
+                        z_loss_coef=self.z_loss_coef,
+                        tokens_per_expert=torch.bincount(kept, minlength=self.num_experts),
+                        dropped_fraction=1.0 - r.keep_TK.float().mean(), router_entropy=entropy)
+
+    def forward(self, x: torch.Tensor, routing: RoutingContext | None = None) -> tuple[torch.Tensor, MoEStats]:
+        x_TD = x.reshape(-1, self.hidden)
+        r = self.route(x_TD, routing)
+        x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, self.slots(r.expert_ids_TK), r.weights_TK, r.keep_TK)
+        y_RD = self.experts(x_RD, counts_L)
+        y_TD = self.dispatcher.combine(y_RD, plan)
+        return y_TD.reshape(x.shape).to(x.dtype), self.stats(r)
+
+    # ---- canonical full state dict ----
+    def gather_full(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        out = {f"{prefix}router.{k}": v.detach().clone() for k, v in self.router.state_dict().items()}
+        out.update(self.experts.gather_full(f"{prefix}experts."))
+        return out
+
+    def load_full(self, sd: dict[str, torch.Tensor], prefix: str = "") -> None:
+        router = {k[len(prefix) + 7:]: v for k, v in sd.items() if k.startswith(f"{prefix}router.")}
+        self.router.load_state_dict(router)
+        self.experts.load_full(sd, f"{prefix}experts.")

@@ -1,0 +1,126 @@
+"""Learned top-k router (Switch for k=1, GShard-style for k>=2) and the router output contract.
+
+Legend: T tokens, D model width, E experts, K chosen experts per token.
+
+Every router (learned or hash) returns a :class:`RouterOutput`; the dispatcher only reads
+``expert_ids_TK``, ``weights_TK`` and ``keep_TK`` and never knows who routed.
+
+Choices (methods.md section 1):
+- Router math runs in fp32 whatever the model dtype (logits are sensitive to rounding).
+- Capacity ``C = ceil(capacity_factor * T * K / E)`` over the tokens *this rank* routes (as
+  GShard / DeepSpeed-MoE do): under data parallelism each rank drops independently, so a
+  DP/EP run equals the single-process layer applied to each rank's micro-batch.
+  ``capacity_factor <= 0`` is dropless. Train and eval factors are separate.
+- Drop policy ``position``: first choices of all tokens before second choices, earlier
+  tokens first. ``probability``: the (token, choice) pairs with the highest router
+  probability keep their seat. Dropped pairs contribute 0 (the token rides the residual).
+- Load-balancing loss ``E * sum_e f_e * P_e`` (f_e: fraction of tokens whose FIRST choice is e,
+  P_e: mean router probability of e); z-loss ``mean(logsumexp(logits)^2)``. Both are returned
+  unscaled; the layer reports the coefficients beside them.
+- Combine weights are the router probabilities of the chosen experts, renormalised over the K
+  chosen when ``normalize_top_k`` and K > 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.model.config import RouterConfig
+
+
+@dataclass
+class RouterOutput:
+    """The one contract between any router and the dispatcher.
+
+    expert_ids_TK: long [T, K] expert index (global) per token and choice.
+    weights_TK:    float [T, K] combine weight (1.0 for hash routing).
+    keep_TK:       bool [T, K] False where capacity dropped the pair.
+    lb_loss, z_loss: scalar fp32 tensors (0 for hash routing), unscaled.
+    probs_TE:      router probabilities (None for hash routing), for statistics.
+    """
+
+    expert_ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    keep_TK: torch.Tensor
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    probs_TE: torch.Tensor | None = None
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int | None:
+    """Seats per expert, or None for dropless (factor <= 0)."""
+    if factor <= 0:
+        return None
+    return math.ceil(factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep_mask(expert_ids_TK: torch.Tensor, priority_TK: torch.Tensor, num_experts: int,
+                       cap: int | None) -> torch.Tensor:
+    """True for the pairs that get one of ``cap`` seats of their expert; lower priority value
+    wins (ties: flat order). Vectorised: sort by priority, then stably by expert; a pair's
+    rank inside its expert is its offset from the expert's first row."""
+    if cap is None:
+        return torch.ones_like(expert_ids_TK, dtype=torch.bool)
+    ids_N = expert_ids_TK.reshape(-1)
+    by_priority = torch.argsort(priority_TK.reshape(-1), stable=True)
+    order = by_priority[torch.argsort(ids_N[by_priority], stable=True)]
+    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order]]
+    keep_N = torch.empty_like(ids_N, dtype=torch.bool)
+    keep_N[order] = rank_sorted < cap
+    return keep_N.view_as(expert_ids_TK)
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, first_choice_T: torch.Tensor) -> torch.Tensor:
+    num_experts = probs_TE.shape[-1]
+    f_E = torch.bincount(first_choice_T, minlength=num_experts).to(probs_TE.dtype) / first_choice_T.numel()
+    p_E = probs_TE.mean(0)
+    return num_experts * torch.sum(f_E * p_E)
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+class LearnedRouter(nn.Module):
+    """``weight`` [E, D] fp32 (canonical name ``moe.router.weight``), replicated on all ranks."""
+
+    def __init__(self, hidden_size: int, num_experts: int, cfg: RouterConfig, init_std: float = 0.02):
+        super().__init__()
+        self.cfg, self.num_experts = cfg, num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        nn.init.normal_(self.weight, std=init_std)
+
+    def gating(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_TD.float()
+        if self.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        return F.linear(x_TD, self.weight.float())
+
+    def routing(self, logits_TE: torch.Tensor) -> RouterOutput:
+        cfg, E = self.cfg, self.num_experts
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        top_probs_TK, expert_ids_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
+        weights_TK = top_probs_TK
+        if cfg.normalize_top_k and cfg.top_k > 1:
+            weights_TK = top_probs_TK / top_probs_TK.sum(-1, keepdim=True)
+        T, K = expert_ids_TK.shape
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        if cfg.drop_policy == "position":  # all first choices (in token order), then second...
+            priority_TK = torch.arange(T * K, device=logits_TE.device).view(K, T).t()
+        else:
+            priority_TK = -top_probs_TK.detach()
+        keep_TK = capacity_keep_mask(expert_ids_TK, priority_TK, E, capacity(T, K, E, factor))
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, keep_TK=keep_TK,
+                            lb_loss=load_balancing_loss(probs_TE, expert_ids_TK[:, 0]),
+                            z_loss=z_loss(logits_TE), probs_TE=probs_TE)
+
+    def forward(self, x_TD: torch.Tensor, routing=None) -> RouterOutput:
+        return self.routing(self.gating(x_TD))

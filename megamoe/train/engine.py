@@ -1,0 +1,225 @@
+"""DeepSpeed engine set-up on top of megatron-core's process groups.
+
+Steps: (1) adapt megatron-core ``parallel_state`` as DeepSpeed's ``mpu``; (2) hand
+DeepSpeed the *same* expert-parallel / expert-data-parallel groups megatron-core built
+(``deepspeed.utils.groups`` keyed ``ep_size_{EP}``) and assert their rank lists equal
+DeepSpeed's own formula; (3) param groups: weight-decay exclusions, MPO central tensors with
+their LR scale, then ``split_params_into_different_moe_groups_for_optimizer`` so expert
+params (``allreduce=False``) are reduced over the expert-data-parallel group; (4) AdamW +
+warmup/decay schedule; (5) ``deepspeed.initialize``.
+
+Why a patch around ``deepspeed.initialize``: DeepSpeed enables its MoE code paths (expert
+groups in the ZeRO optimizer, expert-aware grad norm) only when it finds an instance of its
+own ``deepspeed.moe.layer.MoE`` in the model. megamoe's MoE layer is its own module (hash
+routers, MPO experts, TP experts), so while the engine is constructed we make DeepSpeed's
+``isinstance(module, MoE)`` also accept megamoe's MoE layers (they expose ``num_experts``).
+After construction the symbol is restored, so DeepSpeed's own expert *checkpoint* files
+(which assume its module layout) are not used; megamoe saves expert shards itself
+(megamoe/train/checkpoint.py).
+
+Grad norm: DeepSpeed's ZeRO-1/2 norm counts TP-replicated params on TP rank 0 only (params
+megatron-core marks ``tensor_model_parallel`` count on every TP rank) and sums the expert
+partitions over the DP group: every parameter is counted once. tests/train checks the norm
+across layouts against one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+from megamoe import parallel
+from megamoe.config import ConfigError
+
+
+class MegatronMPU:
+    """The ``mpu`` interface DeepSpeed calls, answered from megatron-core's parallel_state."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    # model parallel == tensor parallel (no pipeline parallelism in megamoe)
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_group_ranks(self):
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+
+def _ranks(group) -> list[int]:
+    return list(dist.get_process_group_ranks(group))
+
+
+def setup_expert_groups(ep: int) -> dict:
+    """Register megatron-core's EP / expert-DP groups with ``deepspeed.utils.groups``.
+
+    Returns the rank lists ``{"ep": [...], "expert_dp": [...]}`` of this rank. Raises if
+    DeepSpeed's own layout formula would have produced different groups (it would then
+    reduce expert grads over ranks that hold different experts).
+    """
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep}"
+    ep_group = parallel.ep_group()
+    edp_group = parallel.expert_dp_group()
+    ep_ranks, edp_ranks = _ranks(ep_group), _ranks(edp_group)
+    world, tp = dist.get_world_size(), parallel.tp_size()
+    ds_ep, ds_edp = groups._get_expert_parallel_ranks(world, tp, ep, 1, False)
+    rank = dist.get_rank()
+    mine_ep = next(list(r) for r in ds_ep if rank in r)
+    mine_edp = next(list(r) for r in ds_edp if rank in r)
+    if (mine_ep, mine_edp) != (ep_ranks, edp_ranks):
+        raise RuntimeError(f"rank {rank}: megatron-core expert groups EP={ep_ranks} expert-DP={edp_ranks} differ "
+                           f"from DeepSpeed's EP={mine_ep} expert-DP={mine_edp}; refusing to train")
+    groups._EXPERT_PARALLEL_GROUP[name] = ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = edp_ranks
+    groups.expert_tensor_parallel_world_size = tp
+    return {"ep": ep_ranks, "expert_dp": edp_ranks}
+
+
+def is_expert_param(p) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+def moe_modules(model) -> list:
+    """Top-most modules that own expert params and expose ``num_experts`` (megamoe MoE layers)."""
+    found = []
+    for name, m in model.named_modules():
+        if any(name.startswith(f + ".") for f, _ in found):
+            continue
+        if hasattr(m, "num_experts") and any(is_expert_param(p) for p in m.parameters()):
+            found.append((name, m))
+    return [m for _, m in found]
+
+
+@contextlib.contextmanager
+def _deepspeed_sees_moe(model):
+    """Make ``isinstance(m, deepspeed.moe.layer.MoE)`` true for megamoe MoE layers while the
+    engine is constructed (see module docstring)."""
+    import deepspeed.runtime.engine as ds_engine
+
+    ours = {id(m) for m in moe_modules(model)}
+    real = ds_engine.MoE
+
+    class _Meta(type):
+        def __instancecheck__(cls, obj):
+            return isinstance(obj, real) or id(obj) in ours
+
+    class _MoEOrMegamoe(metaclass=_Meta):
+        pass
+
+    ds_engine.MoE = _MoEOrMegamoe
+    try:
+        yield
+    finally:
+        ds_engine.MoE = real
+
+
+def _is_norm(name: str) -> bool:
+    return "norm" in name.split(".")[-2] if "." in name else False
+
+
+def param_groups(model, train, moe_cfg) -> list[dict]:
+    """AdamW param groups: decay / no-decay, MPO central tensors (lr x central_lr_scale),
+    then split by expert group for DeepSpeed MoE reduction."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.split(".")[-1]
+        no_decay = ((train.no_decay_norms and _is_norm(name))
+                    or (train.no_decay_biases and leaf == "bias")
+                    or (train.no_decay_embeddings and name.split(".")[0] in ("embed", "pos_embed")))
+        central = leaf == "central"
+        buckets.setdefault((no_decay, central), []).append(p)
+    scale = moe_cfg.mpo.central_lr_scale if moe_cfg is not None else 1.0
+    groups = []
+    for (no_decay, central), params in sorted(buckets.items()):
+        groups.append({"params": params, "weight_decay": 0.0 if no_decay else train.weight_decay,
+                       "lr": train.lr * (scale if central else 1.0),
+                       "name": f"{'nodecay' if no_decay else 'decay'}{'_central' if central else ''}"})
+    if any(is_expert_param(p) for g in groups for p in g["params"]):
+        groups = list(split_params_into_different_moe_groups_for_optimizer(groups))
+    return groups
+
+
+def lr_lambda(train):
+    """Multiplier of each group's base LR at optimizer step ``s``: linear warmup, then
+    cosine/linear decay to ``min_lr`` at ``train_steps`` (constant after)."""
+    floor = train.min_lr / train.lr
+
+    def f(s: int) -> float:
+        if train.warmup_steps and s < train.warmup_steps:
+            return (s + 1) / train.warmup_steps
+        if train.lr_decay == "constant":
+            return 1.0
+        span = max(1, train.train_steps - train.warmup_steps)
+        t = min(1.0, (s - train.warmup_steps) / span)
+        if train.lr_decay == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        return floor + (1 - floor) * (1 - t)
+
+    return f
+
+
+def build_engine(model, run_cfg, layout, ds_config: dict):
+    """Returns (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    train = run_cfg.train
+    has_moe = bool(moe_modules(model))
+    if has_moe and train.zero_stage == 3:
+        raise ConfigError("train.zero_stage", 3,
+                          "ZeRO-3 partitions parameters, which DeepSpeed does not support for MoE models "
+                          "(expert parameters are already sharded by expert parallelism); use train.zero_stage=2 "
+                          "(or 1/0) for MoE models; ZeRO-3 is for dense models (moe.num_experts=0)")
+    if has_moe:
+        setup_expert_groups(layout.ep)
+    groups = param_groups(model, train, run_cfg.moe)
+    fused = torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+                                  eps=train.adam_eps, weight_decay=train.weight_decay, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    ctx = _deepspeed_sees_moe(model) if has_moe else contextlib.nullcontext()
+    with ctx:
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=MegatronMPU(),
+            config=ds_config, dist_init_required=False)
+    return engine, optimizer, scheduler

@@ -1,0 +1,337 @@
+"""The pretraining loop: set-up, then ``step -> log -> (eval) -> (save) -> (stop?)``.
+
+Everything around the loop is a small piece in its own file: layout checks (layout.py),
+DeepSpeed engine (engine.py, ds_config.py), checkpoints (checkpoint.py), metrics
+(metrics.py), signals (signals.py), start-up report (report.py).
+
+One optimizer step = ``gas`` micro-batches through ``engine.forward/backward`` then
+``engine.step()`` (DeepSpeed scales the loss by 1/gas and reduces at the boundary).
+
+Traps:
+- Non-finite loss: every rank must still run backward (ZeRO reduces in backward hooks; a rank
+  skipping it hangs the others). NaN/inf gradients make DeepSpeed's ZeRO optimizer skip the
+  update (``engine.was_step_applied()`` is False); we count such steps and abort after
+  ``train.max_nonfinite_in_a_row`` in a row.
+- Reported losses are means over micro-batches and over DP ranks (TP ranks hold equal values).
+- The data order is a function of consumed samples only (megamoe/data/sampler.py), so a
+  resume with another DP size continues the same global sample stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megamoe import parallel
+from megamoe.config import to_dict
+from megamoe.errors import UserError
+from megamoe.train import checkpoint as ckpt
+from megamoe.train.ds_config import build_ds_config
+from megamoe.train.engine import build_engine
+from megamoe.train.layout import validate_layout
+from megamoe.train.metrics import MetricsLogger, moe_scalars
+from megamoe.train.report import (current_rss_mb, flops_per_token, measure_peak_flops, param_counts,
+                                  peak_memory_mb, startup_report)
+from megamoe.train.signals import StopFlag
+from megamoe.utils import print0, progress
+
+
+def _dp_mean(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    g = parallel.dp_group()
+    if g is not None and parallel.dp_size() > 1:
+        dist.all_reduce(t, group=g)
+        t /= parallel.dp_size()
+    return t.tolist()
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _sum_stats_over_dp(stats: list) -> list:
+    """tokens_per_expert summed over DP ranks (each rank routes its own micro-batch)."""
+    g = parallel.dp_group()
+    if g is None or parallel.dp_size() == 1:
+        return stats
+    for s in stats:
+        tpe = getattr(s, "tokens_per_expert", None)
+        if tpe is not None:
+            t = torch.as_tensor(tpe).detach().float().cpu().clone()
+            dist.all_reduce(t, group=g)
+            s.tokens_per_expert = t
+    return stats
+
+
+def evaluate(engine, loader_factory, eval_iters: int, device) -> dict:
+    """Mean lm loss / ppl over the first ``eval_iters`` micro-batches of each DP rank, plus the
+    perplexity of the best unigram model of the same tokens (fitted on them)."""
+    engine.eval()
+    lm, aux, z, n = 0.0, 0.0, 0.0, 0
+    counts = None
+    with torch.no_grad():
+        for i, batch in enumerate(loader_factory()):
+            if i >= eval_iters:
+                break
+            batch = _to_device(batch, device)
+            out = engine(batch["input_ids"], batch["labels"], batch["loss_mask"])
+            lm += float(out.lm_loss)
+            aux += float(out.aux_loss)
+            z += float(out.z_loss)
+            n += 1
+            labels = batch["labels"][batch["loss_mask"] > 0].cpu()
+            c = torch.bincount(labels, minlength=engine.module.cfg.vocab_size).double()
+            counts = c if counts is None else counts + c
+    engine.train()
+    if n == 0:
+        raise UserError("the valid split produced no batches; give it more data (data.split) or lower train.eval_iters")
+    lm, aux, z = _dp_mean([lm / n, aux / n, z / n])
+    g = parallel.dp_group()
+    if g is not None and parallel.dp_size() > 1:
+        dist.all_reduce(counts, group=g)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    unigram_nll = float(-(nz * nz.log()).sum())
+    return {"lm_loss": lm, "ppl": math.exp(min(lm, 50.0)), "aux_loss": aux, "z_loss": z,
+            "unigram_ppl": math.exp(unigram_nll), "tokens": int(counts.sum())}
+
+
+def load_weights(model, path: str) -> None:
+    """Load a canonical full state dict (.safetensors, e.g. a checkpoint's model.safetensors)
+    into this rank's shards."""
+    from safetensors.torch import load_file
+
+    from megamoe.model.state_dict import load_full_state_dict
+
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} not found (train.init_from / --checkpoint)")
+    load_full_state_dict(model, load_file(path))
+
+
+def _loss_scale(optimizer) -> float:
+    for name in ("loss_scale", "cur_scale"):
+        v = getattr(optimizer, name, None)
+        if isinstance(v, (int, float)) or torch.is_tensor(v):
+            return float(v)
+    return 1.0
+
+
+def _central_grad_mask(model, moe_cfg):
+    """MPO central-tensor gradient mask (megamoe/moe/grad_mask.py): hooks mask each rank's local
+    gradient, which equals masking the reduced gradient (linear reduction, same mask on all
+    ranks). 'freeze' takes the central tensors out of the optimizer."""
+    if not moe_cfg.num_experts or moe_cfg.mpo.grad_mask == "none":
+        return None
+    from megamoe.moe.grad_mask import CentralGradMask, is_central
+
+    centrals = [p for n, p in model.named_parameters() if is_central(n)]
+    return CentralGradMask(centrals, moe_cfg.mpo) if centrals else None
+
+
+class Trainer:
+    def __init__(self, run):
+        self.run = run
+        t = run.train
+        self.layout = parallel.init_parallel(run.parallel)
+        world = self.layout.world
+        info = validate_layout(run, world)
+        self.info = info
+        parallel.seed_everything(t.seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+
+        import deepspeed  # noqa: F401  (imported before the baseline below)
+
+        from megamoe.data import build_datasets, build_loader
+        from megamoe.model.gpt import build_model
+
+        # memory of the framework alone, before data/model: tools/estimate.py's check subtracts it
+        self.baseline_mb = current_rss_mb()
+
+        self._build_loader = build_loader
+        dp = self.layout.dp
+        valid_samples = t.eval_iters * t.micro_batch_size * dp
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            run.data, t.train_steps * t.global_batch_size, valid_samples, 0, model_vocab_size=run.model.vocab_size)
+        model = build_model(run.model, run.moe, run.parallel)
+        self.load_dir = ckpt.resolve_load_dir(t.load, t.save_dir)
+        if t.init_from and not self.load_dir:
+            load_weights(model, t.init_from)
+        self.grad_mask = _central_grad_mask(model, run.moe)
+        self.counts = param_counts(model, run)
+        self.fpt = flops_per_token(self.counts, run)
+        self.ds_config = build_ds_config(t, dp, has_moe=bool(run.moe.num_experts))
+        self.engine, self.optimizer, self.scheduler = build_engine(model, run, self.layout, self.ds_config)
+        self.config_dict = to_dict(run)
+
+        self.step, self.consumed = 0, 0
+        self._saved_step = None
+        self.nonfinite_total = 0
+        if self.load_dir:
+            state = ckpt.load(self.engine, self.load_dir)
+            ckpt.check_compatible(state.get("config", {}), self.config_dict, self.load_dir)
+            self.step = int(state["step"])
+            self.consumed = int(state["consumed_samples"])
+            self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.peak = measure_peak_flops()
+        self.metrics = MetricsLogger(t.log_dir, t.tensorboard, resume=self.load_dir is not None,
+                                     start_step=self.step)
+        print0(startup_report(run, self.layout, info, self.counts, self.fpt, self.peak, self.ds_config,
+                              self.step, self.load_dir))
+
+    # ---- pieces -------------------------------------------------------------------------
+    def _valid_loader(self):
+        t = self.run.train
+        return self._build_loader(self.valid_ds, t.micro_batch_size, t.micro_batch_size * self.layout.dp,
+                                  parallel.dp_rank(), self.layout.dp, 0)
+
+    def save(self) -> str:
+        t = self.run.train
+        state = {"step": self.step, "consumed_samples": self.consumed, "nonfinite_total": self.nonfinite_total,
+                 "dp_size": self.layout.dp, "config": self.config_dict}
+        tag = ckpt.save(self.engine, t.save_dir, self.step, state, self.config_dict, t.keep_last,
+                        full_model=t.save_full_model)
+        self._saved_step = self.step
+        return tag
+
+    def train_step(self, it) -> dict:
+        """One optimizer step over ``gas`` micro-batches. Returns DP-averaged scalars."""
+        engine, gas = self.engine, self.info["gas"]
+        if self.grad_mask is not None:
+            self.grad_mask.set_step(self.step)  # all micro-batches of a step share one mask
+        sums = [0.0, 0.0, 0.0, 0.0]
+        stats = []
+        nonfinite = False
+        for micro in range(gas):
+            batch = _to_device(next(it), self.device)
+            out = engine(batch["input_ids"], batch["labels"], batch["loss_mask"])
+            vals = [float(x.detach()) for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)]
+            nonfinite |= not all(math.isfinite(v) for v in vals)
+            sums = [a + b for a, b in zip(sums, vals)]
+            engine.backward(out.loss)
+            if micro == gas - 1 and self.run.train.zero_stage == 0:
+                self._zero0_guard(nonfinite)
+            engine.step()
+            stats = out.moe_stats
+        loss, lm, aux, z, bad = _dp_mean([s / gas for s in sums] + [float(nonfinite)])
+        norm = engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)
+        norm = float(norm) if norm is not None else float("nan")
+        applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
+        bad_norm = self.run.train.zero_stage > 0 and not math.isfinite(norm)
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "grad_norm": norm,
+                "skipped": bool(bad > 0 or not applied or bad_norm), "stats": stats}
+
+    def _zero0_guard(self, nonfinite: bool) -> None:
+        """ZeRO-0 has no overflow check outside fp16: if any rank saw a non-finite loss or
+        gradient, every rank zeroes its gradients so the NaNs never reach the weights (AdamW
+        still applies its momentum and weight decay for that step)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        local = nonfinite or not all(bool(torch.isfinite(g).all()) for g in grads)
+        flag = torch.tensor([float(local)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            for g in grads:
+                g.zero_()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict:
+        t, run = self.run.train, self.run
+        stop = StopFlag()
+        loader = self._build_loader(self.train_ds, t.micro_batch_size, t.global_batch_size, parallel.dp_rank(),
+                                    self.layout.dp, self.consumed, run.data.num_workers)
+        it = iter(loader)
+        bar = progress(total=t.train_steps, initial=self.step, desc="train", unit="step")
+        in_a_row, steps_this_run, last_eval = 0, 0, None
+        start_time = time.perf_counter()
+        tokens_per_step = self.info["tokens_per_step"]
+        stopped_by = None
+        self.engine.train()
+        while self.step < t.train_steps:
+            t0 = time.perf_counter()
+            r = self.train_step(it)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            steps_this_run += 1
+            self.consumed += t.global_batch_size
+            if r["skipped"]:
+                self.nonfinite_total += 1
+                in_a_row += 1
+                if in_a_row >= t.max_nonfinite_in_a_row:
+                    raise UserError(
+                        f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (step "
+                        f"{self.step}, loss={r['loss']}, grad_norm={r['grad_norm']}); aborting. Lower train.lr, "
+                        "use train.precision=fp32/bf16, or raise train.max_nonfinite_in_a_row")
+            else:
+                in_a_row = 0
+            if self.step % t.log_interval == 0 or self.step == t.train_steps:
+                stats = _sum_stats_over_dp(r["stats"])
+                tok_s = tokens_per_step / dt
+                flops = self.fpt * tok_s
+                vals = {k: r[k] for k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")}
+                vals.update(lr=self.scheduler.get_last_lr()[0] if self.scheduler else t.lr,
+                            loss_scale=_loss_scale(self.optimizer),
+                            tokens_per_s=tok_s, tflops=flops / 1e12 / self.layout.world,
+                            mfu=flops / (self.peak * self.layout.world), step_time_s=dt,
+                            mem_mb=peak_memory_mb(), skipped_total=self.nonfinite_total,
+                            consumed_samples=self.consumed)
+                vals.update(moe_scalars(stats, run.moe.moe_layer_indices(run.model.num_layers)))
+                self.metrics.log(self.step, vals)
+                bar.set_postfix(loss=f"{r['lm_loss']:.3f}", tok_s=f"{tok_s:.0f}")
+            bar.update(1)
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
+                last_eval = evaluate(self.engine, self._valid_loader, t.eval_iters, self.device)
+                self.metrics.log(self.step, last_eval, split="valid")
+            if stop.any_rank():
+                stopped_by = f"signal {stop.signum or 'on another rank'}"
+            elif t.exit_after_steps and steps_this_run >= t.exit_after_steps:
+                stopped_by = "train.exit_after_steps"
+            periodic = t.save_interval and self.step % t.save_interval == 0
+            if stopped_by or periodic:
+                tag = self.save()
+                print0(f"\nsaved checkpoint {Path(t.save_dir) / tag}" + (f" ({stopped_by})" if stopped_by else ""))
+            if stopped_by:
+                break
+        bar.close()
+        stop.restore()
+        finished = self.step >= t.train_steps
+        result = {"step": self.step, "consumed_samples": self.consumed, "finished": finished,
+                  "stopped_by": stopped_by, "nonfinite_steps": self.nonfinite_total,
+                  "wall_s": time.perf_counter() - start_time}
+        if finished:
+            if self._saved_step != self.step:
+                self.save()
+            last_eval = evaluate(self.engine, self._valid_loader, t.eval_iters, self.device)
+            self.metrics.log(self.step, last_eval, split="valid")
+        train_recs = [h for h in self.metrics.history if h["split"] == "train"]
+        result.update(
+            valid=last_eval, params=self.counts, layout=vars(self.layout),
+            memory_mb={"baseline": self.baseline_mb, "peak": peak_memory_mb()},
+            final_train_lm_loss=train_recs[-1]["lm_loss"] if train_recs else None,
+            checkpoint=str(Path(t.save_dir) / (ckpt.read_latest(t.save_dir) or "")),
+            tensorboard=str(Path(t.log_dir) / "tensorboard"), metrics=str(Path(t.log_dir) / "metrics.jsonl"))
+        if t.plot:
+            png = self.metrics.plot()
+            result["loss_curve"] = str(png) if png else None
+        self.metrics.summary(result)
+        self.metrics.close()
+        return result
+
+
+def print_summary(result: dict) -> None:
+    v = result.get("valid") or {}
+    lines = ["", "=" * 78, "megamoe pretraining summary",
+             f"steps            {result['step']} ({'finished' if result['finished'] else 'stopped: ' + str(result['stopped_by'])})"]
+    if v:
+        lines += [f"valid lm loss    {v['lm_loss']:.4f}  ({v['tokens']} tokens)",
+                  f"valid perplexity {v['ppl']:.2f}   (model)",
+                  f"unigram ppl      {v['unigram_ppl']:.2f}   (best unigram model of the same tokens)"]
+    lines += [f"checkpoint       {result['checkpoint']}",
+              f"tensorboard      tensorboard --logdir {result['tensorboard']}",
+              f"metrics          {result['metrics']}",
+              f"loss curve       {result.get('loss_curve')}", "=" * 78]
+    print0("\n".join(lines))

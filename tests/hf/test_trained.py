@@ -1,0 +1,131 @@
+"""Checkpoints trained a few steps by pretrain/pretrain_moe.py under expert parallelism (EP=2)
+and tensor parallelism (TP=2) export to HF models that equal the native model: logits
+(max |diff| <= 1e-4, fp32), 20 greedy tokens, and loss on validation-split tokens.
+
+Runs (~20-30 s each on 2 busy cores):
+- EP=2: block 0 hash (balanced, from the dataset's unigram counts), blocks 1-2 Switch top-1 with
+  MPO experts (the training tests' tiny model) -> megamoe;
+- TP=2: a Mixtral made with transformers, imported by convert_from_hf and trained on from its
+  weights (train.init_from) -> Mixtral (TP-sharded expert widths merged back exactly);
+- DP=2, ZeRO-3, bf16, dense -> Llama, from the fp32 master weights in the ZeRO optimizer shards
+  (not the bf16 module copies).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.hf.test_parity import check_parity
+from tests.train.helpers import launch, make_dataset, tiny_config, write_config
+
+RUNS = {
+    "ep2_hash_switch_mpo": ({"parallel.expert_parallel": 2}, None, "MegamoeForCausalLM"),
+    "tp2_imported_mixtral": ({"parallel.tensor_parallel": 2, "train.lr": 1e-4, "train.min_lr": 1e-5},
+                             "import", "MixtralForCausalLM"),
+    "dp2_zero3_bf16_dense": ({"train.zero_stage": 3, "train.precision": "bf16"}, "dense", "LlamaForCausalLM"),
+}
+
+
+def import_mixtral(out):
+    """A transformers Mixtral (random init) -> convert_from_hf; returns the model/moe sections and
+    train.init_from of the written megamoe_config.yaml, ready to merge into a run config."""
+    import yaml
+    from tools import convert_from_hf
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)).save_pretrained(out / "src")
+    with pytest.raises(SystemExit) as e:
+        convert_from_hf.main(["--hf-dir", str(out / "src"), "--output", str(out / "mm")])
+    assert e.value.code == 0
+    run = yaml.safe_load((out / "mm" / "megamoe_config.yaml").read_text())
+    return {"model": run["model"], "moe": run["moe"]}, run["train"]["init_from"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("trained")
+    prefix, tok = make_dataset(root / "data")
+    out = {}
+    for name, (over, moe, _) in RUNS.items():
+        cfg = tiny_config(prefix, tok, root / name, moe=moe != "dense", **over, **{"train.train_steps": 3})
+        if moe == "import":
+            sections, init_from = import_mixtral(root / "mixtral")
+            cfg.update(sections)
+            cfg["train"]["init_from"] = init_from
+        elif moe is None:
+            counts = np.bincount(np.fromfile(f"{prefix}.bin", dtype=np.int32), minlength=64)
+            np.save(root / "counts.npy", counts)
+            cfg["moe"]["hash"] = {"variant": "balanced", "counts_file": str(root / "counts.npy")}
+        rc, log = launch(write_config(cfg, root / f"{name}.yaml"), 2, timeout=600)
+        assert rc == 0, log[-3000:]
+        out[name] = (root / name, prefix)
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_trained_checkpoint_exports_exactly(trained, name, tmp_path):
+    import numpy as np
+    from tools import convert_to_hf
+    from transformers import AutoModelForCausalLM
+
+    import megamoe.hf  # noqa: F401
+    from megamoe.hf.gather import load_checkpoint, model_configs
+    from megamoe.model.state_dict import load_full_state_dict
+    from tests.hf.common import build_native
+
+    run_dir, prefix = trained[name]
+    with pytest.raises(SystemExit) as e:
+        convert_to_hf.main(["--checkpoint", str(run_dir / "ckpt"), "--output", str(tmp_path / "hf")])
+    assert e.value.code == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == RUNS[name][2]
+    ck = load_checkpoint(run_dir / "ckpt")
+    native = build_native(*model_configs(ck.config))
+    load_full_state_dict(native, ck.state_dict)
+    check_parity(native, hf)
+    # loss on real (validation-split end of the corpus) token sequences
+    tokens = torch.from_numpy(np.fromfile(f"{prefix}.bin", dtype=np.int32)[-4 * 33:].astype(np.int64)).view(4, 33)
+    with torch.no_grad():
+        ref = native(tokens[:, :-1], labels=tokens[:, 1:]).lm_loss.item()
+        got = hf(tokens, labels=tokens).loss.item()
+    assert abs(ref - got) <= 1e-5, (ref, got)
+    logged = [json.loads(l) for l in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in logged if r.get("split") == "valid"][-1]
+    assert f"final validation loss {valid['lm_loss']:.4f}" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_bf16_checkpoint_exports_fp32_masters(trained):
+    from safetensors.torch import load_file
+
+    from megamoe.hf.gather import load_checkpoint
+
+    run_dir, _ = trained["dp2_zero3_bf16_dense"]
+    ck = load_checkpoint(run_dir / "ckpt")
+    module = load_file(str(run_dir / "ckpt" / "global_step3" / "model.safetensors"))
+    floats = [k for k, v in module.items() if v.is_floating_point()]
+    assert module[floats[0]].dtype == torch.bfloat16
+    for k in floats:  # masters are fp32, round to the module's bf16 copy, and carry more bits
+        assert ck.state_dict[k].dtype == torch.float32 and torch.equal(ck.state_dict[k].bfloat16(), module[k]), k
+    assert any(not torch.equal(ck.state_dict[k], module[k].float()) for k in floats)
+    assert "fp32 master weights" in ck.info["notes"][0]
+
+
+def test_imported_mixtral_continued_under_tp2(trained):
+    """The TP=2 run started from the imported weights (lr 1e-4 for 3 steps moves them by <1e-3;
+    a fresh init would differ by ~0.02) and did train (weights moved)."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = trained["tp2_imported_mixtral"]
+    start = load_file(str(run_dir.parent / "mixtral" / "mm" / "model.safetensors"))
+    end = load_file(str(run_dir / "ckpt" / "global_step3" / "model.safetensors"))
+    assert sorted(start) == sorted(end)
+    moved = max((end[k] - start[k]).abs().max().item() for k in start)
+    assert 0 < moved < 1e-3, moved

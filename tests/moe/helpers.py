@@ -1,0 +1,56 @@
+"""Small shared builders for the MoE tests (tiny shapes so everything runs in seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megamoe.model.config import HashConfig, ModelConfig, MoEConfig, MPOConfig, RouterConfig
+
+V, D, F, E = 50, 16, 32, 4
+
+
+def model_cfg(**kw) -> ModelConfig:
+    return ModelConfig(vocab_size=V, hidden_size=D, ffn_hidden_size=F, num_heads=2, max_position_embeddings=64, **kw)
+
+
+def write_counts(path) -> str:
+    counts = np.random.default_rng(0).zipf(1.3, V).astype(np.int64) % 1000
+    counts[-3:] = 0  # a few never-seen ids
+    np.save(path, counts)
+    return str(path)
+
+
+def case_cfg(case: str, counts_file: str | None = None) -> MoEConfig:
+    """The MoE settings of each equivalence case."""
+    if case == "switch_top1":
+        return MoEConfig(num_experts=E, every=1, router=RouterConfig(top_k=1, capacity_factor=1.0))
+    if case == "top2_drop_position":
+        return MoEConfig(num_experts=E, every=1, router=RouterConfig(top_k=2, capacity_factor=0.75,
+                                                                     drop_policy="position", z_loss_coef=0.01))
+    if case == "top2_drop_probability":
+        return MoEConfig(num_experts=E, every=1, router=RouterConfig(top_k=2, capacity_factor=0.75,
+                                                                     drop_policy="probability"))
+    if case == "hash_random":
+        return MoEConfig(num_experts=E, hash_layers=[0], hash=HashConfig(variant="random"))
+    if case == "hash_balanced":
+        return MoEConfig(num_experts=E, hash_layers=[0], hash=HashConfig(variant="balanced", counts_file=counts_file))
+    if case == "multihash":
+        return MoEConfig(num_experts=E, hash_layers=[0], hash=HashConfig(variant="random", num_hashes=2))
+    if case == "mpo":
+        return MoEConfig(num_experts=E, every=1, expert_type="mpo",
+                         router=RouterConfig(top_k=1, capacity_factor=1.0),
+                         mpo=MPOConfig(num_tensors=3, input_shape=[2, 4, 2], output_shape=[2, 8, 2]))
+    raise KeyError(case)
+
+
+CASES = ["switch_top1", "top2_drop_position", "top2_drop_probability", "hash_random", "hash_balanced",
+         "multihash", "mpo"]
+
+
+def inputs(num_shards: int, tokens: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(1, tokens, D, generator=g) for _ in range(num_shards)]
+    dys = [torch.randn(1, tokens, D, generator=g) for _ in range(num_shards)]
+    ids = [torch.randint(0, V, (1, tokens), generator=g) for _ in range(num_shards)]
+    return xs, dys, ids

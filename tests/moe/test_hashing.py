@@ -1,0 +1,192 @@
+"""Hash routing: each variant's rule, MultiHash = the block construction of methods.md,
+tables survive save/load unchanged and are never rebuilt, balanced load on the real corpus."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamoe.config import ConfigError
+from megamoe.errors import UserError
+from megamoe.model.config import HashConfig, MoEConfig
+from megamoe.moe import hashing
+from megamoe.moe.hashing import RoutingContext
+from megamoe.moe.layer import MoELayer
+from tests.moe.helpers import D, E, V, model_cfg, write_counts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _layer(variant, tmp_path=None, **kw):
+    if variant == "balanced" and "counts_file" not in kw:
+        kw["counts_file"] = write_counts(tmp_path / "c.counts.npy")
+    return MoELayer(model_cfg(), MoEConfig(num_experts=E, hash_layers=[0], hash=HashConfig(variant=variant, **kw)), 0)
+
+
+def _ctx():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2, 12), generator=g)
+    prev = torch.cat([torch.zeros(2, 1, dtype=torch.long), ids[:, :-1]], 1)
+    nxt = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=torch.long)], 1)
+    pos = torch.arange(12).expand(2, 12)
+    return RoutingContext(token_ids=ids, prev_token_ids=prev, next_token_ids=nxt, positions=pos)
+
+
+def test_balanced_rule_by_hand():
+    counts = np.array([5, 9, 0, 3, 3, 1])
+    # sorted: id1(9)->e0, id0(5)->e1, id3(3)->e1 (5<9), id4(3)->e1? no: totals e0=9, e1=8 -> e1 -> 11; then
+    # id5(1) -> e0 (9<11); unseen id2 round-robin -> e0
+    assert hashing.balanced_table(counts, 2).tolist() == [1, 0, 0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("variant", ["random", "balanced", "bigram", "previous", "position", "oracle_future"])
+def test_variant_rules(variant, tmp_path):
+    kw = {"allow_oracle": True} if variant == "oracle_future" else {}
+    layer = _layer(variant, tmp_path, **kw)
+    ctx = _ctx()
+    out = layer.router(torch.zeros(24, D), ctx)
+    table = layer.router.table[0]
+    ids, prev, nxt, pos = (t.reshape(-1) for t in (ctx.token_ids, ctx.prev_token_ids, ctx.next_token_ids, ctx.positions))
+    want = {
+        "random": lambda: table[ids], "balanced": lambda: table[ids], "previous": lambda: table[prev],
+        "oracle_future": lambda: table[nxt], "position": lambda: pos % E,
+        "bigram": lambda: (ids % E + (7919 * prev) % E) % E,
+    }[variant]()
+    assert torch.equal(out.expert_ids_TK[:, 0], want)
+    assert out.keep_TK.all() and torch.equal(out.weights_TK, torch.ones(24, 1))
+    assert out.lb_loss == 0 and out.probs_TE is None
+    if variant == "random":
+        assert torch.equal(table, hashing.random_table(V, E, 1234))
+    if variant == "balanced":
+        assert torch.equal(table, hashing.balanced_table(np.load(tmp_path / "c.counts.npy"), E))
+
+
+def test_clustered_and_dispersed():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=g) * 10
+    emb = centers.repeat_interleave(12, 0) + 0.01 * torch.randn(48, 8, generator=g)  # 4 tight groups of 12
+    clustered = hashing.clustered_table(emb, 4, seed=0)
+    for grp in range(4):  # each group lands on one expert, groups on different experts
+        assert clustered[grp * 12:(grp + 1) * 12].unique().numel() == 1
+    assert clustered.unique().numel() == 4
+    dispersed = hashing.dispersed_table(emb, 4, seed=0)  # V/E = 12 clusters
+    assert torch.bincount(dispersed, minlength=4).tolist() == [12] * 4
+    for grp in range(4):  # members of a tight group are spread over all experts
+        assert dispersed[grp * 12:(grp + 1) * 12].unique().numel() == 4
+
+
+def test_oracle_needs_flag_and_missing_inputs_fail():
+    with pytest.raises(ConfigError, match="allow_oracle"):
+        HashConfig(variant="oracle_future")
+    with pytest.raises(ConfigError, match="counts_file"):
+        HashConfig(variant="balanced")
+    with pytest.raises(UserError, match="counts_file"):
+        _layer("balanced", counts_file="/nonexistent/x.counts.npy")
+    with pytest.raises(ValueError, match="prev_token_ids"):
+        _layer("previous").router(torch.zeros(3, D), RoutingContext(token_ids=torch.zeros(3, dtype=torch.long)))
+
+
+def test_multihash_equals_block_construction():
+    torch.manual_seed(0)
+    n = 2
+    layer = MoELayer(model_cfg(), MoEConfig(num_experts=E, hash_layers=[0],
+                                            hash=HashConfig(variant="random", num_hashes=n)), 0)
+    ctx = _ctx()
+    x = torch.randn(2, 12, D)
+    y, _ = layer(x, ctx)
+    table, ex = layer.router.table, layer.experts
+    assert table.shape == (n, V) and not torch.equal(table[0], table[1])
+    b = ex.ffn // n
+    want = []
+    for xt, t in zip(x.reshape(-1, D), ctx.token_ids.reshape(-1)):
+        hs, w2 = [], []
+        for m in range(n):  # block m of the FFN comes from the expert of hash m
+            e = getattr(ex, str(int(table[m, t])))
+            rows = slice(m * b, (m + 1) * b)
+            hs.append(F.silu(e.gate_proj.weight[rows] @ xt) * (e.up_proj.weight[rows] @ xt))
+            w2.append(e.down_proj.weight[:, rows])
+        want.append(torch.cat(w2, 1) @ torch.cat(hs))
+    torch.testing.assert_close(y.reshape(-1, D), torch.stack(want), atol=1e-6, rtol=1e-5)
+
+
+def test_table_survives_save_load_and_is_not_rebuilt(tmp_path):
+    layer = _layer("balanced", tmp_path)
+    table = layer.router.table.clone()
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    assert "router.table" in layer.state_dict()
+    # a layer built WITHOUT tables (no counts file needed) gets the saved table on load
+    blank = MoELayer(model_cfg(), MoEConfig(num_experts=E, hash_layers=[0],
+                                            hash=HashConfig(variant="balanced", counts_file="/gone/c.npy")),
+                     0, build_tables=False)
+    assert not torch.equal(blank.router.table, table)
+    blank.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(blank.router.table, table)
+    # a layer built from DIFFERENT counts keeps the loaded table, not its own rebuild
+    np.save(tmp_path / "other.counts.npy", np.arange(V, dtype=np.int64)[::-1].copy())
+    other = _layer("balanced", tmp_path, counts_file=str(tmp_path / "other.counts.npy"))
+    assert not torch.equal(other.router.table, table)
+    other.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(other.router.table, table)
+    ctx = _ctx()
+    assert torch.equal(other.router(torch.zeros(24, D), ctx).expert_ids_TK, layer.router(torch.zeros(24, D), ctx).expert_ids_TK)
+
+
+COUNTS = REPO / "data" / "corpus_text_document.counts.npy"
+
+
+def _corpus_tokens():
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(REPO / "data" / "corpus_text_document"))
+    return np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64)
+
+
+@pytest.mark.skipif(not COUNTS.is_file() or not (REPO / "data" / "corpus_text_document.idx").is_file(),
+                    reason="needs the corpus from `make data` (data/corpus_text_document.{bin,idx,counts.npy})")
+def test_balanced_hash_load_on_corpus():
+    counts = np.load(COUNTS)
+    tokens = _corpus_tokens()
+    V = max(len(counts), int(tokens.max()) + 1)
+    counts = np.pad(counts, (0, V - len(counts)))
+    for E_ in (16, 64):
+        bal = hashing.balanced_table(counts, E_).numpy()
+        rnd = hashing.random_table(V, E_, 1234).numpy()
+        load_b = np.bincount(bal[tokens], minlength=E_)
+        load_r = np.bincount(rnd[tokens], minlength=E_)
+        ratio_b, ratio_r = load_b.max() / load_b.mean(), load_r.max() / load_r.mean()
+        # No id->expert table can beat E * (share of the most frequent id): that id's tokens
+        # all go to one expert. On the corpus (vocab 8000) the top id is ~4.9% of tokens, so
+        # at E=64 the bound is ~3.16 and the 1.05 goal is unreachable by any table; we hold
+        # balanced to 1.05 where the bound allows it and to the bound (+0.1%) where it doesn't.
+        bound = E_ * counts.max() / counts.sum()
+        print(f"E={E_}: max/mean expert load over {len(tokens):,} tokens: balanced {ratio_b:.4f}, "
+              f"random {ratio_r:.4f}, lower bound for any table {bound:.4f}")
+        assert ratio_b <= max(1.05, 1.001 * bound), (E_, ratio_b, bound)
+        assert ratio_b < ratio_r
+        if E_ == 16:
+            assert ratio_b <= 1.05
+
+
+def test_build_hash_table_tool_and_table_file(tmp_path):
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("bht", REPO / "tools" / "build_hash_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    save_file({"embed.weight": torch.randn(V, 8, generator=torch.Generator().manual_seed(0))}, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "t.npy"
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--variant", "dispersed", "--checkpoint", str(tmp_path / "m.safetensors"),
+                   "--num-experts", str(E), "--output", str(out)])
+    assert e.value.code == 0
+    table = np.load(out)
+    assert table.shape == (1, V) and np.bincount(table[0], minlength=E).max() - np.bincount(table[0], minlength=E).min() <= 1
+    layer = _layer("dispersed", table_file=str(out))  # no checkpoint needed once the table exists
+    assert torch.equal(layer.router.table, torch.from_numpy(table))
+    with pytest.raises(UserError, match="table_file"):
+        _layer("random", table_file=str(out), num_hashes=2)  # shape mismatch names the field

@@ -151,6 +151,31 @@ def bench_megamoe(run, seq, mbs, warmup, steps, device) -> float:
     return dt
 
 
+def bench_megamoe_plain(run, seq, mbs, warmup, steps, device) -> float:
+    """Seconds per step of megamoe's model under the same plain torch AdamW loop as the
+    transformers baselines (no DeepSpeed engine): the like-for-like comparison, and the one
+    that fits E=64 (1.15 B fp32 params + grads + AdamW ~ 18 GB) on a 24 GB machine."""
+    import torch
+
+    from megamoe import parallel
+    from megamoe.model.gpt import build_model
+
+    parallel.init_parallel(run.parallel)
+    parallel.seed_everything(1)
+    model = build_model(run.model, run.moe, run.parallel).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda" or None)
+    x = torch.randint(0, run.model.vocab_size, (mbs, seq + 1)).to(device)
+
+    def step():
+        model(x[:, :-1], x[:, 1:], None).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = _time_steps(step, warmup, steps, device)
+    del model, opt
+    return dt
+
+
 def bench_hf(run, seq, mbs, warmup, steps, device) -> float:
     import torch
 
@@ -198,13 +223,18 @@ def distributed_worker(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="demo,dense,e8,e64", help="comma-separated cases: demo, dense, e8, e64")
+    ap.add_argument("--only", default="demo,dense,e8",
+                    help="comma-separated cases: demo, dense, e8, e64 (e64 needs ~18 GB per implementation: run it alone)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2-rank run: threads/2 per rank)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--gpu-1b", action="store_true", help="bf16 ~1B-total MoE (E=8, D=1024, L=12) on --device cuda")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--megamoe-loop", default="deepspeed", choices=["deepspeed", "plain"],
+                    help="megamoe through its DeepSpeed engine (default) or the baselines' plain AdamW loop")
+    ap.add_argument("--no-megamoe", action="store_true",
+                    help="skip megamoe (e.g. measure E=64 one implementation per process: each needs ~18 GB)")
     ap.add_argument("--no-distributed", action="store_true", help="skip the 2-rank DeepSpeed EP=2 runs")
     ap.add_argument("--output", default="results/bench_train", help="prefix for .json and .md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -230,7 +260,9 @@ def main(argv=None) -> int:
         tokens = mbs * seq
         row = {"case": case, "experts": run.moe.num_experts, "seq": seq, "micro_batch": mbs, **counts,
                "flops_per_token": fpt}
-        for impl, fn in (("megamoe", bench_megamoe), ("transformers", None if args.no_hf else bench_hf)):
+        ours = bench_megamoe_plain if args.megamoe_loop == "plain" else bench_megamoe
+        for impl, fn in (("megamoe", None if args.no_megamoe else ours),
+                         ("transformers", None if args.no_hf else bench_hf)):
             if fn is None or (impl == "transformers" and case == "demo"):
                 continue  # demo's hash/MPO layers have no transformers equivalent
             dt = fn(run, seq, mbs, args.warmup, args.steps, args.device)
@@ -257,7 +289,7 @@ def main(argv=None) -> int:
         if "megamoe_tokens_per_s" in row and "transformers_tokens_per_s" in row:
             row["speedup_vs_transformers"] = row["megamoe_tokens_per_s"] / row["transformers_tokens_per_s"]
         rows.append(row)
-    result = {"device": args.device, "threads": args.threads, "matmul_peak_flops": peak, "steps": args.steps,
+    result = {"device": args.device, "threads": args.threads, "megamoe_loop": args.megamoe_loop, "matmul_peak_flops": peak, "steps": args.steps,
               "warmup": args.warmup, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                         time.gmtime()),
               "rows": rows}

@@ -3,7 +3,7 @@ the custom ``megamoe`` architecture) and import Llama / Mixtral checkpoints.
 
 Importing this package registers the ``megamoe`` architecture with transformers' ``AutoConfig``
 and ``AutoModelForCausalLM``, so exports load without ``trust_remote_code`` when megamoe is
-installed. See docs/readme/hf.md.
+installed. See the README section "Hugging Face export and import".
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -163,7 +163,7 @@ def bench_megamoe_plain(run, seq, mbs, warmup, steps, device) -> float:
     parallel.init_parallel(run.parallel)
     parallel.seed_everything(1)
     model = build_model(run.model, run.moe, run.parallel).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda" or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, run.model.vocab_size, (mbs, seq + 1)).to(device)
 
     def step():
@@ -183,7 +183,7 @@ def bench_hf(run, seq, mbs, warmup, steps, device) -> float:
     model = hf_model(run).to(device)
     if run.train.precision == "bf16":
         model = model.to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda" or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, run.model.vocab_size, (mbs, seq + 1)).to(device)
 
     def step():

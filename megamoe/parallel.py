@@ -39,7 +39,8 @@ class Layout:
         return self.dp // self.ep
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for MASTER_PORT / tcp:// init)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,7 +64,7 @@ def init_distributed(backend: str | None = None) -> None:
     if os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
         # A world of one on a private port, NOT exported as MASTER_PORT: child processes
         # (tests, tools) would inherit a port this process holds and fail with EADDRINUSE.
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
     else:
         dist.init_process_group(backend=backend)

@@ -16,17 +16,13 @@ thread (2 cores, 2 ranks).
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
+from megamoe.parallel import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, fn, args, errq):
@@ -47,7 +43,7 @@ def _entry(rank, world, port, fn, args, errq):
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 600.0) -> None:
     ctx = mp.get_context("spawn")
     errq = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, errq)) for r in range(world_size)]
     for p in procs:
         p.start()

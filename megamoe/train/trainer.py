@@ -209,7 +209,7 @@ class Trainer:
         for micro in range(gas):
             batch = _to_device(next(it), self.device)
             out = engine(batch["input_ids"], batch["labels"], batch["loss_mask"])
-            vals = [float(x.detach()) for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)]
+            vals = torch.stack([x.detach().float() for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)]).tolist()
             nonfinite |= not all(math.isfinite(v) for v in vals)
             sums = [a + b for a, b in zip(sums, vals)]
             engine.backward(out.loss)
@@ -230,7 +230,7 @@ class Trainer:
         gradient, every rank zeroes its gradients so the NaNs never reach the weights (AdamW
         still applies its momentum and weight decay for that step)."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        local = nonfinite or not all(bool(torch.isfinite(g).all()) for g in grads)
+        local = nonfinite or (bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
         flag = torch.tensor([float(local)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

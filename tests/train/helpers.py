@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from megamoe.parallel import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -96,10 +98,10 @@ def launch(config: Path, nproc: int, overrides=(), launcher: str = "torchrun", t
     script = str(ROOT / "pretrain" / "pretrain_moe.py")
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), script]
+               "--master_port", str(free_port()), script]
     elif launcher == "deepspeed":
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
-               "--master_port", str(_free_port()), script]
+               "--master_port", str(free_port()), script]
     else:  # plain python, one process
         cmd = [sys.executable, script]
     cmd += ["--config", str(config), *overrides]
@@ -112,14 +114,6 @@ def launch(config: Path, nproc: int, overrides=(), launcher: str = "torchrun", t
     if log:
         stdout = Path(log).read_text()
     return p.returncode, stdout
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(log_dir: Path) -> list[dict]:

@@ -9,6 +9,8 @@ TP``).
 Traps:
 - megatron-core's ``model_parallel_cuda_manual_seed`` asserts CUDA; on CPU we only seed
   torch/numpy/python (see :func:`seed_everything`).
+- Collectives never call ``torch.distributed`` directly: they go through megamoe.comm, which
+  puts each tensor on the device its group communicates on (NCCL rejects CPU tensors).
 - ``initialize_model_parallel`` needs ``torch.distributed`` already initialised; for a single
   process we create a world of size 1 (gloo on a free port) so the same code path runs.
 """
@@ -57,7 +59,9 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    if torch.cuda.is_available():
+        # Before any group exists: NCCL binds each communicator to the current device, and
+        # without this every rank of a node would create its communicators on GPU 0.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # DeepSpeed asserts LOCAL_RANK

@@ -195,8 +195,12 @@ def collate(samples: list[dict]) -> dict:
 
 
 def build_loader(dataset, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, consumed_samples: int = 0, num_workers: int = 0):
+                 dp_size: int = 1, consumed_samples: int = 0, num_workers: int = 0, pin_memory: bool | None = None):
     """DataLoader over this DP rank's micro-batches, starting after ``consumed_samples``.
+
+    ``pin_memory`` (default: on when CUDA is available) puts batches in page-locked memory, so
+    the trainer's ``.to(device, non_blocking=True)`` really overlaps; from pageable memory a
+    "non-blocking" copy is a synchronous one.
 
     See :mod:`megamoe.data.sampler` for the layout; iterating ends when the dataset's samples
     run out (build the dataset with enough ``train_samples``).
@@ -204,5 +208,6 @@ def build_loader(dataset, micro_batch_size: int, global_batch_size: int, dp_rank
     sampler = ResumableBatchSampler(len(dataset), consumed_samples, micro_batch_size,
                                     global_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=num_workers, pin_memory=False,
+                                       num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                                        persistent_workers=num_workers > 0)

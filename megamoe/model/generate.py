@@ -10,9 +10,8 @@ rarely divisible by TP (sequence parallelism is a training-memory setting anyway
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from megamoe import parallel
+from megamoe import comm, parallel
 
 
 @torch.no_grad()
@@ -30,10 +29,7 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     try:
         for _ in range(max_new_tokens):
             logits_BV = model(ids[:, -max_len:]).logits[:, -1, :]
-            if parallel.tp_size() > 1:  # (megatron's gather helper allocates on CUDA)
-                parts = [torch.empty_like(logits_BV) for _ in range(parallel.tp_size())]
-                dist.all_gather(parts, logits_BV.contiguous(), group=parallel.tp_group())
-                logits_BV = torch.cat(parts, dim=-1)
+            logits_BV = comm.all_gather_cat(logits_BV, -1, parallel.tp_group())  # vocab-sharded under TP
             nxt = logits_BV.argmax(dim=-1)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megamoe import parallel
+from megamoe import comm, parallel
 from megamoe.model.config import ModelConfig, ParallelConfig
 
 
@@ -59,9 +59,7 @@ def _identity(x):
 
 
 def _all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    return comm.all_gather_cat(x, 0, group)
 
 
 def _slice_dim0(x: torch.Tensor, group) -> torch.Tensor:
@@ -159,9 +157,7 @@ def build_norm(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def _allreduce_over_tp(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    dist.all_reduce(grad, group=parallel.tp_group())
-    return grad
+    return comm.all_reduce_(grad.clone(), "sum", parallel.tp_group())
 
 
 def sync_sequence_parallel_grad(param: torch.nn.Parameter) -> None:

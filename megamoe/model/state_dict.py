@@ -23,9 +23,8 @@ import re
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 
-from megamoe import parallel
+from megamoe import comm, parallel
 from megamoe.errors import UserError
 
 
@@ -93,9 +92,7 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         t, dim = obj.detach(), _tp_dim(obj)
         if dim is not None:
-            parts = [torch.empty_like(t) for _ in range(parallel.tp_size())]
-            dist.all_gather(parts, t.contiguous(), group=parallel.tp_group())
-            t = torch.cat(parts, dim=dim)
+            t = comm.all_gather_cat(t, dim, parallel.tp_group())
         out[name] = t.cpu().clone()
     return out
 

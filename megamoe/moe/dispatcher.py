@@ -10,7 +10,7 @@ contiguous and EP sharding by expert equals sharding by slot.
 
 Steps: ``dispatch`` sorts kept pairs by slot (stable, so each slot sees its tokens in
 token order), gathers rows, and with EP > 1 exchanges per-slot counts then rows with
-``all_to_all_single`` (variable splits, autograd-aware via ``torch.distributed.nn``), and
+``all_to_all_single`` (variable splits, autograd-aware, megamoe.comm), and
 regroups the received rows by local slot. ``combine`` undoes each step and scatter-adds
 ``weight * y`` into the tokens' rows; dropped pairs never enter, so they add 0 and the
 token rides the residual.
@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from megamoe import comm
 
 
 @dataclass
@@ -33,13 +34,6 @@ class DispatchPlan:
     recv_splits: list[int] | None = None
     regroup_R: torch.Tensor | None = None  # received row order -> grouped by local slot
     num_tokens: int = 0
-
-
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_to_all_single
-
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
 
 
 class Dispatcher:
@@ -63,12 +57,10 @@ class Dispatcher:
         if self.ep_size == 1:
             return x_ND, plan.counts_S, plan
         P, L = self.ep_size, self.local_slots
-        recv_counts_PL = torch.empty_like(plan.counts_S)
-        dist.all_to_all_single(recv_counts_PL, plan.counts_S, group=self.group)
-        recv_counts_PL = recv_counts_PL.view(P, L)
+        recv_counts_PL = comm.exchange_counts(plan.counts_S, self.group).view(P, L)
         plan.send_splits = plan.counts_S.view(P, L).sum(1).tolist()
         plan.recv_splits = recv_counts_PL.sum(1).tolist()
-        x_RD = _all_to_all(x_ND, plan.recv_splits, plan.send_splits, self.group)
+        x_RD = comm.all_to_all_single(x_ND, plan.recv_splits, plan.send_splits, self.group)
         local_slot_R = torch.repeat_interleave(
             torch.arange(L, device=x_TD.device).repeat(P), recv_counts_PL.reshape(-1))
         plan.regroup_R = torch.argsort(local_slot_R, stable=True)
@@ -79,7 +71,7 @@ class Dispatcher:
         if self.ep_size > 1:
             y_back = torch.empty_like(y_RD)
             y_back = y_back.index_copy(0, plan.regroup_R, y_RD)
-            y_RD = _all_to_all(y_back, plan.send_splits, plan.recv_splits, self.group)
+            y_RD = comm.all_to_all_single(y_back, plan.send_splits, plan.recv_splits, self.group)
         y_ND = y_RD * plan.weights_N.to(y_RD.dtype).unsqueeze(1)
         out = y_RD.new_zeros((plan.num_tokens, y_RD.shape[1]))
         return out.index_add(0, plan.token_idx_N, y_ND)

@@ -27,9 +27,10 @@ Parallelism:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from megamoe import comm
 
 PROJS_SWIGLU = ("gate_proj", "up_proj", "down_proj")
 PROJS_GELU = ("up_proj", "down_proj")
@@ -56,9 +57,7 @@ def activate(h_gate: torch.Tensor | None, h_up: torch.Tensor) -> torch.Tensor:
 def _gather(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
     if size == 1:
         return [t]
-    out = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
+    return comm.all_gather(t, group)
 
 
 class ExpertFFN(nn.Module):

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megamoe import parallel
+from megamoe import comm, parallel
 from megamoe.errors import UserError
 from megamoe.train.engine import is_expert_param
 from megamoe.utils import atomic_write_text
@@ -83,7 +83,7 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, config_dic
         save_dir.mkdir(parents=True, exist_ok=True)
         if (save_dir / tag).exists():  # a partial save of a run that crashed: start clean
             shutil.rmtree(save_dir / tag)
-    dist.barrier()
+    comm.barrier()
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
     d = save_dir / tag
     module = engine.module
@@ -112,12 +112,12 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, config_dic
         atomic_write_text(d / "megamoe_meta.json", json.dumps(
             {"step": step, "dp_size": parallel.dp_size(), "tp_size": parallel.tp_size(), "ep_size": parallel.ep_size(),
              "zero_stage": engine.zero_optimization_stage()}))
-    dist.barrier()
+    comm.barrier()
     if rank == 0:
         (d / "COMPLETE").write_text(tag + "\n")
         atomic_write_text(save_dir / "latest", tag)
         _prune(save_dir, keep_last)
-    dist.barrier()
+    comm.barrier()
     return tag
 
 

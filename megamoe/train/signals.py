@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from megamoe import comm
 
 
 class StopFlag:
@@ -27,10 +26,7 @@ class StopFlag:
 
     def any_rank(self) -> bool:
         """Collective: True when any rank has received a stop signal."""
-        t = torch.tensor([1.0 if self.local else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return comm.any_rank(self.local)
 
     def restore(self) -> None:
         for s, h in self._previous.items():

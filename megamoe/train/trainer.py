@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from megamoe import parallel
+from megamoe import comm, parallel
 from megamoe.config import to_dict
 from megamoe.errors import UserError
 from megamoe.train import checkpoint as ckpt
@@ -41,15 +40,11 @@ from megamoe.utils import print0, progress
 
 
 def _dp_mean(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    g = parallel.dp_group()
-    if g is not None and parallel.dp_size() > 1:
-        dist.all_reduce(t, group=g)
-        t /= parallel.dp_size()
-    return t.tolist()
+    return comm.floats_mean(values, parallel.dp_group())
 
 
 def _to_device(batch: dict, device) -> dict:
+    # non_blocking only overlaps when the source is pinned: build_loader pins on CUDA.
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -61,9 +56,7 @@ def _sum_stats_over_dp(stats: list) -> list:
     for s in stats:
         tpe = getattr(s, "tokens_per_expert", None)
         if tpe is not None:
-            t = torch.as_tensor(tpe).detach().float().cpu().clone()
-            dist.all_reduce(t, group=g)
-            s.tokens_per_expert = t
+            s.tokens_per_expert = comm.all_reduce(torch.as_tensor(tpe).detach().float().cpu().clone(), "sum", g)
     return stats
 
 
@@ -90,9 +83,7 @@ def evaluate(engine, loader_factory, eval_iters: int, device) -> dict:
     if n == 0:
         raise UserError("the valid split produced no batches; give it more data (data.split) or lower train.eval_iters")
     lm, aux, z = _dp_mean([lm / n, aux / n, z / n])
-    g = parallel.dp_group()
-    if g is not None and parallel.dp_size() > 1:
-        dist.all_reduce(counts, group=g)
+    counts = comm.all_reduce(counts, "sum", parallel.dp_group())
     p = counts / counts.sum()
     nz = p[p > 0]
     unigram_nll = float(-(nz * nz.log()).sum())
@@ -231,10 +222,7 @@ class Trainer:
         still applies its momentum and weight decay for that step)."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         local = nonfinite or (bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
-        flag = torch.tensor([float(local)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        if comm.any_rank(local):
             for g in grads:
                 g.zero_()
 

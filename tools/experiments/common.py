@@ -1,0 +1,270 @@
+"""Shared machinery of the pretraining studies (routing.py, mpoe.py): resumable (arm, seed) runs,
+mean +- standard error, a markdown table, JSON and loss-curve PNGs.
+
+Design:
+- One process runs a whole study; each (arm, seed) is one in-process ``Trainer`` run (a world of
+  one, gloo) so the framework is imported once (the ``--quick`` study fits in a few minutes).
+- Resumable: the result of each (arm, seed) is written atomically to
+  ``<out>/<arm>/seed<k>.json`` as soon as it finishes; a finished pair is never rerun (delete
+  the file to rerun it). Killing a study loses at most the run in progress.
+- Seeds vary both the model init (``train.seed``) and the data order (``data.seed``).
+- Fixed token budget: every arm of a study trains the same number of steps at the same batch
+  size and sequence length.
+- Statistics: mean and standard error (sample std / sqrt(n)) over seeds of the final validation
+  loss, reported as perplexity exp(mean loss) with the SE carried through (ppl x SE of the loss).
+  A difference inside 2 SE is reported as a tie (:func:`verdict`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from megamoe.utils import atomic_path, atomic_write_text, print0, progress  # noqa: E402
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: list[str]
+    group: str = ""  # table section (e.g. "E=16")
+    note: str = ""  # shown in the table (e.g. "analysis only")
+    prepare: object = None  # callable(arm, seed, run_dir) -> extra overrides, run before training
+
+
+@dataclass
+class Study:
+    name: str
+    base_overrides: list[str]  # the full-size model and token budget
+    quick_overrides: list[str]  # toy size for --quick (appended after base)
+    arms: list[Arm]
+    reference: dict  # {group: arm} each group's rows are compared with
+    seeds: int = 3
+    describe: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def verdict(a_mean: float, a_se: float, b_mean: float, b_se: float) -> str:
+    """'better' / 'worse' / 'tie' of a vs b (lower is better), with the 2-SE rule on the
+    difference (SEs combined in quadrature)."""
+    se = math.sqrt((a_se if math.isfinite(a_se) else 0) ** 2 + (b_se if math.isfinite(b_se) else 0) ** 2)
+    d = a_mean - b_mean
+    if se == 0 or abs(d) <= 2 * se:
+        return "tie"
+    return "better" if d < 0 else "worse"
+
+
+def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
+    """Train one (arm, seed) in this process and return its result record."""
+    import torch
+
+    from megamoe.run_config import load_run_config
+    from megamoe.train.trainer import Trainer
+
+    run_dir = out / arm.name / f"seed{seed}.run"
+    # quick last: the toy size wins over an arm's own step count
+    overrides = list(study.base_overrides) + list(arm.overrides) + (list(study.quick_overrides) if quick else [])
+    if arm.prepare is not None:
+        overrides += arm.prepare(arm, seed, run_dir, overrides)
+    overrides += [
+        f"train.seed={1000 + seed}", f"data.seed={2000 + seed}",
+        f"train.save_dir={run_dir}/checkpoints", f"train.log_dir={run_dir}/logs",
+        "train.tensorboard=false", "train.plot=false", "train.keep_last=1"]
+    run = load_run_config(None, overrides)
+    t0 = time.perf_counter()
+    trainer = Trainer(run)
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    hist = trainer.metrics.history
+    train = [h for h in hist if h["split"] == "train"]
+    valid = [h for h in hist if h["split"] == "valid"]
+    steady = train[len(train) // 5:] or train  # skip the warm-up steps when timing
+    moe_keys = sorted({k for h in train for k in h if k.startswith("moe/") and not k.endswith("expert_load")})
+    rec = {
+        "study": study.name, "arm": arm.name, "group": arm.group, "seed": seed, "quick": quick,
+        "valid_lm_loss": result["valid"]["lm_loss"], "valid_ppl": result["valid"]["ppl"],
+        "params_total": result["params"]["total"], "params_active": result["params"]["active"],
+        "tokens_per_s": sum(h["tokens_per_s"] for h in steady) / len(steady),
+        "train_curve": [[h["step"], h["lm_loss"]] for h in train],
+        "valid_curve": [[h["step"], h["lm_loss"]] for h in valid],
+        "moe": {k: sum(h[k] for h in train if k in h) / max(1, sum(1 for h in train if k in h)) for k in moe_keys},
+        "max_load_curve": {k: [[h["step"], h[k]] for h in train if k in h] for k in moe_keys if k.endswith("max_load")},
+        "wall_s": wall, "overrides": overrides,
+        "checkpoint": result["checkpoint"],
+    }
+    del trainer
+    gc.collect()
+    torch.manual_seed(0)
+    return rec
+
+
+def run_study(study: Study, out: Path, quick: bool, seeds: int, only: list[str] | None) -> list[dict]:
+    records = []
+    todo = [(a, s) for a in study.arms if not only or a.name in only for s in range(seeds)]
+    bar = progress(todo, desc=study.name, unit="run")
+    for arm, seed in bar:
+        path = out / arm.name / f"seed{seed}.json"
+        bar.set_postfix(arm=arm.name, seed=seed)
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            continue
+        rec = run_one(study, arm, seed, out, quick)
+        atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+        records.append(rec)
+    return records
+
+
+def load_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*/seed*.json"))]
+
+
+def summarise(study: Study, records: list[dict]) -> list[dict]:
+    """One row per arm: mean +- SE of the valid loss and ppl, params, speed, MoE scalars."""
+    rows = []
+    by_arm = {}
+    for r in records:
+        by_arm.setdefault(r["arm"], []).append(r)
+    for arm in study.arms:
+        rs = by_arm.get(arm.name)
+        if not rs:
+            continue
+        loss, loss_se = _stats([r["valid_lm_loss"] for r in rs])
+        moe_means = {}
+        for k in sorted({k for r in rs for k in r["moe"]}):
+            name = k.split("/")[-1]
+            vals = [r["moe"][k] for r in rs if k in r["moe"]]
+            moe_means.setdefault(name, []).extend(vals)
+        rows.append({
+            "arm": arm.name, "group": arm.group, "note": arm.note, "seeds": len(rs),
+            "valid_lm_loss": loss, "valid_lm_loss_se": loss_se,
+            "valid_ppl": math.exp(loss), "valid_ppl_se": math.exp(loss) * loss_se,
+            "params_total": rs[0]["params_total"], "params_active": rs[0]["params_active"],
+            "tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
+            **{f"mean_{k}": sum(v) / len(v) for k, v in moe_means.items()},
+        })
+    by_name = {r["arm"]: r for r in rows}
+    for r in rows:
+        ref = by_name.get(study.reference.get(r["group"], ""))
+        if ref is not None:
+            r["reference"] = ref["arm"]
+            r["vs_reference"] = "ref" if ref is r else verdict(r["valid_lm_loss"], r["valid_lm_loss_se"],
+                                                                ref["valid_lm_loss"], ref["valid_lm_loss_se"])
+    return rows
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def markdown(study: Study, rows: list[dict], command: str, quick: bool) -> str:
+    lines = [f"# Study: {study.name}{' (--quick, toy size: not a result)' if quick else ''}", "",
+             study.describe, "", f"Command: `{command}`", "",
+             f"Validation perplexity: mean ± standard error over seeds (exp of the mean loss; SE carried "
+             "through). `vs ref`: against the group's reference arm "
+             f"({', '.join(f'{g}: {a}' for g, a in study.reference.items())}); better/worse only when the gap "
+             "exceeds 2 SE, else tie.", "",
+             "| group | arm | seeds | total params | active params | valid ppl | vs ref | tokens/s "
+             "| dropped | max/mean load | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dropped = r.get("mean_dropped_fraction")
+        load = r.get("mean_max_load")
+        lines.append(
+            f"| {r['group']} | {r['arm']} | {r['seeds']} | {_fmt_params(r['params_total'])} | "
+            f"{_fmt_params(r['params_active'])} | {r['valid_ppl']:.2f} ± {r['valid_ppl_se']:.2f} | "
+            f"{r.get('vs_reference', '')} | {r['tokens_per_s']:.0f} | "
+            f"{'' if dropped is None else f'{dropped:.3f}'} | {'' if load is None else f'{load:.2f}'} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(study: Study, records: list[dict], png: Path) -> None:
+    """Mean train lm-loss curve per arm (one panel per group), smoothed over 10 % of the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(a.group for a in study.arms))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for arm in (a for a in study.arms if a.group == g):
+            curves = [r["train_curve"] for r in records if r["arm"] == arm.name]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = [c[0] for c in curves[0][:n]]
+            mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
+            w = max(1, n // 10)
+            smooth = [sum(mean[max(0, i - w + 1):i + 1]) / len(mean[max(0, i - w + 1):i + 1]) for i in range(n)]
+            ax.plot(steps, smooth, label=arm.name, lw=1)
+        ax.set_title(f"{study.name} {g}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("train lm loss (smoothed)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report(study: Study, out: Path, command: str, quick: bool) -> list[dict]:
+    records = load_records(out)
+    rows = summarise(study, records)
+    atomic_write_text(out / "summary.json", json.dumps({"study": study.name, "command": command, "quick": quick,
+                                                         "rows": rows}, indent=1) + "\n")
+    atomic_write_text(out / "summary.md", markdown(study, rows, command, quick))
+    if records:
+        plot_curves(study, records, out / "loss_curves.png")
+    return rows
+
+
+def main(study: Study, argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=study.describe)
+    p.add_argument("--quick", action="store_true", help="toy size, the whole study in a few minutes (tests)")
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {study.seeds}; --quick: 2)")
+    p.add_argument("--only", default="", help="comma-separated arm names to run (default: all)")
+    p.add_argument("--out", default=None, help=f"result dir (default results/experiments/{study.name}"
+                                               "[-quick])")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table/plot from cached results")
+    p.add_argument("--list", action="store_true", help="list the arms and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for a in study.arms:
+            print(f"{a.group:8s} {a.name:24s} {' '.join(a.overrides)}")
+        return 0
+    out = Path(args.out or ROOT / "results" / "experiments" / (study.name + ("-quick" if args.quick else "")))
+    seeds = args.seeds or (2 if args.quick else study.seeds)
+    only = [s for s in args.only.split(",") if s] or None
+    unknown = sorted(set(only or []) - {a.name for a in study.arms})
+    if unknown:
+        from megamoe.errors import UserError
+
+        raise UserError(f"--only: unknown arm(s) {unknown}; see --list")
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))
+    if not args.report_only:
+        run_study(study, out, args.quick, seeds, only)
+    rows = report(study, out, command, args.quick)
+    print0(markdown(study, rows, command, args.quick))
+    print0(f"wrote {out}/summary.md, summary.json, loss_curves.png")
+    return 0

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", help="unigram counts .npy from tools/count_tokens.py (balanced)")
     ap.add_argument("--vocab-size", type=int, help="V (default: rows of embed.weight or length of counts)")
     ap.add_argument("--num-hashes", type=int, default=1, help="MultiHash: number of hashes")
-    ap.add_argument("--seed", type=int, default=1234, help="seed (random tables, k-means init, relabelling)")
+    ap.add_argument("--seed", type=int, default=1234, help="seed (random tables, k-means init; MultiHash hash m >= 1 uses seed + m)")
     ap.add_argument("--output", required=True, help="output .npy path")
     args = ap.parse_args(argv)
     if args.num_experts < 1:

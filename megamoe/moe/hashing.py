@@ -13,18 +13,36 @@ placeholder when the counts file / embedding checkpoint is not at hand).
 
 Variant rules (key -> expert):
 - random: one seeded uniform draw per id.
-- balanced: ids sorted by unigram count (desc, ties by id) each go to the expert with the
-  smallest running total (ties: lowest index); never-seen ids are dealt round-robin.
-- bigram: ``(table[cur] + (P * prev) % E) % E`` with table[v] = v % E and prime P.
+- balanced: ids sorted by unigram count of the TRAINING split (desc, ties by id) each go to the
+  expert with the smallest running total (ties: lowest index); never-seen ids are dealt
+  round-robin. (ParlAI issue #3735: balanced tables were built offline from training-data
+  unigram frequencies; tools/count_tokens.py counts the train split only.)
+- bigram: ``(table[cur] + (P * table[prev]) % E) % E`` with table[v] = v % E and prime P, i.e.
+  ParlAI's ``input[t] % B + (prime * input[t-1]) % B`` (P * (prev % E) = P * prev mod E).
 - previous: random table applied to the previous id. oracle_future: random table applied to
   the NEXT id (leaks the label; guarded by ``allow_oracle``).
 - position: ``t % E`` (a control).
 - clustered: k-means (E clusters) over a checkpoint's embedding rows; cluster = expert.
 - dispersed: k-means with about V/E clusters; each cluster's members (by id) are dealt
   round-robin over experts with one counter running across clusters.
-MultiHash (N > 1): hash m of a seeded variant uses seed+m; a deterministic variant
-(balanced, bigram, position, clustered, dispersed) relabels experts by a seeded random
-permutation per hash m >= 1, so every hash stays as balanced as hash 0 yet routes differently.
+
+MultiHash (N > 1): hash 0 is the plain rule above; every hash m >= 1 must induce a DIFFERENT
+partition of the keys (relabelling the experts of hash 0, ``perm_m[table_0]``, induces the same
+one, so N hashes would act as one). Hash m >= 1 applies the same rule with seed ``seed + m``
+to a seeded variation the rule leaves free:
+- random / previous / oracle_future: a fresh draw.
+- balanced: ids visited in count order with a seeded shuffle inside each block of E
+  consecutive count ranks (ids of neighbouring rank count as ties); each id still goes to the
+  least-loaded expert, so the greedy keeps its balance (tests/moe/test_hashing.py measures both).
+- bigram, position: the rule applied to seeded relabelled keys, ``sigma_m(key) % E`` (a
+  permutation sigma_m of the vocabulary / positions): each hash is as balanced over keys as
+  hash 0.
+- clustered: residual k-means: hash m clusters what is left of each row after subtracting the
+  centroids of hashes 0..m-1, so it splits the clusters of the earlier hashes instead of
+  re-finding them (different k-means seeds on the same rows mostly re-find the same clusters).
+- dispersed: the same V/E clusters, dealt in a seeded order of clusters and of members.
+The fraction of key pairs that collide in all N hashes is then ~1/E^N for random and far below
+1/E for the deterministic variants (measured in tests/moe/test_hashing.py).
 """
 
 from __future__ import annotations
@@ -59,9 +77,23 @@ def random_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
     return torch.randint(0, num_experts, (vocab_size,), generator=g, dtype=torch.int64)
 
 
-def balanced_table(counts_V: np.ndarray | torch.Tensor, num_experts: int) -> torch.Tensor:
+def _block_shuffled(order: np.ndarray, block: int, seed: int) -> np.ndarray:
+    """``order`` with a seeded shuffle inside each run of ``block`` consecutive entries."""
+    rng = np.random.default_rng(seed)
+    out = order.copy()
+    for s in range(0, len(out), block):
+        rng.shuffle(out[s:s + block])
+    return out
+
+
+def balanced_table(counts_V: np.ndarray | torch.Tensor, num_experts: int,
+                   shuffle_seed: int | None = None) -> torch.Tensor:
+    """Greedy least-loaded assignment in count order; ``shuffle_seed`` (MultiHash hashes m >= 1)
+    shuffles the visiting order inside each block of E consecutive count ranks."""
     counts = np.asarray(counts_V, dtype=np.int64)
     order = np.lexsort((np.arange(len(counts)), -counts))  # count desc, then id asc
+    if shuffle_seed is not None:
+        order = _block_shuffled(order, num_experts, shuffle_seed)
     table = np.empty(len(counts), dtype=np.int64)
     heap = [(0, e) for e in range(num_experts)]
     unseen = 0
@@ -77,12 +109,20 @@ def balanced_table(counts_V: np.ndarray | torch.Tensor, num_experts: int) -> tor
     return torch.from_numpy(table)
 
 
-def bigram_table(vocab_size: int, num_experts: int) -> torch.Tensor:
-    return torch.arange(vocab_size, dtype=torch.int64) % num_experts
+def _modulo_table(num_keys: int, num_experts: int, relabel_seed: int | None) -> torch.Tensor:
+    """``key % E``, or ``sigma(key) % E`` for a seeded permutation sigma of the keys."""
+    keys = torch.arange(num_keys, dtype=torch.int64)
+    if relabel_seed is not None:
+        keys = torch.randperm(num_keys, generator=torch.Generator().manual_seed(relabel_seed))
+    return keys % num_experts
 
 
-def position_table(max_positions: int, num_experts: int) -> torch.Tensor:
-    return torch.arange(max_positions, dtype=torch.int64) % num_experts
+def bigram_table(vocab_size: int, num_experts: int, relabel_seed: int | None = None) -> torch.Tensor:
+    return _modulo_table(vocab_size, num_experts, relabel_seed)
+
+
+def position_table(max_positions: int, num_experts: int, relabel_seed: int | None = None) -> torch.Tensor:
+    return _modulo_table(max_positions, num_experts, relabel_seed)
 
 
 def kmeans(x_VD: torch.Tensor, k: int, iters: int = 25, seed: int = 0, chunk: int = 8192) -> torch.Tensor:
@@ -120,13 +160,43 @@ def clustered_table(embed_VD: torch.Tensor, num_experts: int, seed: int) -> torc
     return kmeans(embed_VD, num_experts, seed=seed)
 
 
-def dispersed_table(embed_VD: torch.Tensor, num_experts: int, seed: int) -> torch.Tensor:
-    V = embed_VD.shape[0]
-    labels = kmeans(embed_VD, max(1, round(V / num_experts)), seed=seed)
-    order = torch.argsort(labels * V + torch.arange(V))  # by cluster, then id
+def clustered_tables(embed_VD: torch.Tensor, num_experts: int, num_hashes: int, seed: int) -> torch.Tensor:
+    """[N, V]: hash 0 = k-means of the rows; hash m >= 1 = k-means of the residual after the
+    centroids of hashes 0..m-1 (residual vector quantisation)."""
+    res_VD = embed_VD.float().clone()
+    tables = []
+    for m in range(num_hashes):
+        labels_V = kmeans(res_VD, num_experts, seed=seed + m)
+        tables.append(labels_V)
+        counts_E = torch.bincount(labels_V, minlength=num_experts).clamp(min=1).unsqueeze(1).float()
+        centroids_ED = torch.zeros(num_experts, res_VD.shape[1]).index_add_(0, labels_V, res_VD) / counts_E
+        res_VD = res_VD - centroids_ED[labels_V]
+    return torch.stack(tables)
+
+
+def deal_round_robin(labels_V: torch.Tensor, num_experts: int, shuffle_seed: int | None = None) -> torch.Tensor:
+    """Members of each cluster dealt over experts with one counter running across clusters, in
+    cluster-then-id order, or (``shuffle_seed``) in a seeded order of clusters and of members."""
+    V = labels_V.shape[0]
+    rank_V = torch.arange(V)
+    cluster_rank = labels_V
+    if shuffle_seed is not None:
+        g = torch.Generator().manual_seed(shuffle_seed)
+        rank_V = torch.randperm(V, generator=g)
+        num_clusters = int(labels_V.max()) + 1
+        cluster_rank = torch.randperm(num_clusters, generator=g)[labels_V]
+    order = torch.argsort(cluster_rank * V + rank_V)
     table = torch.empty(V, dtype=torch.int64)
     table[order] = torch.arange(V) % num_experts
     return table
+
+
+def dispersed_table(embed_VD: torch.Tensor, num_experts: int, seed: int) -> torch.Tensor:
+    return deal_round_robin(dispersed_clusters(embed_VD, num_experts, seed), num_experts)
+
+
+def dispersed_clusters(embed_VD: torch.Tensor, num_experts: int, seed: int) -> torch.Tensor:
+    return kmeans(embed_VD, max(1, round(embed_VD.shape[0] / num_experts)), seed=seed)
 
 
 def load_counts(path: str | Path, vocab_size: int) -> np.ndarray:
@@ -175,29 +245,26 @@ def build_table(cfg: HashConfig, num_experts: int, vocab_size: int, max_position
                 embed_VD: torch.Tensor | None = None, counts_V=None) -> torch.Tensor:
     """The [N, K] table for ``cfg`` (reads counts / embeddings from the configured files unless
     given)."""
-    v = cfg.variant
+    v, N = cfg.variant, cfg.num_hashes
     if cfg.table_file:
-        return load_table_file(cfg.table_file, cfg.num_hashes, num_experts,
-                               max_positions if v == "position" else vocab_size)
+        return load_table_file(cfg.table_file, N, num_experts, max_positions if v == "position" else vocab_size)
+    variation = [None] + [cfg.seed + m for m in range(1, N)]  # hash 0 is the plain rule
     if v in ("random", "previous", "oracle_future"):
-        return torch.stack([random_table(vocab_size, num_experts, cfg.seed + m) for m in range(cfg.num_hashes)])
+        return torch.stack([random_table(vocab_size, num_experts, cfg.seed + m) for m in range(N)])
     if v == "balanced":
-        base = balanced_table(load_counts(cfg.counts_file, vocab_size) if counts_V is None else counts_V,
-                              num_experts)
-    elif v == "bigram":
-        base = bigram_table(vocab_size, num_experts)
-    elif v == "position":
-        base = position_table(max_positions, num_experts)
-    else:
-        emb = load_embedding(cfg.embedding_checkpoint) if embed_VD is None else embed_VD
-        if emb.shape[0] != vocab_size:
-            raise UserError(f"embedding has {emb.shape[0]} rows but model.vocab_size={vocab_size}")
-        base = (clustered_table if v == "clustered" else dispersed_table)(emb, num_experts, cfg.seed)
-    tables = [base]
-    for m in range(1, cfg.num_hashes):
-        perm = torch.randperm(num_experts, generator=torch.Generator().manual_seed(cfg.seed + m))
-        tables.append(perm[base])
-    return torch.stack(tables)
+        counts = load_counts(cfg.counts_file, vocab_size) if counts_V is None else counts_V
+        return torch.stack([balanced_table(counts, num_experts, s) for s in variation])
+    if v == "bigram":
+        return torch.stack([bigram_table(vocab_size, num_experts, s) for s in variation])
+    if v == "position":
+        return torch.stack([position_table(max_positions, num_experts, s) for s in variation])
+    emb = load_embedding(cfg.embedding_checkpoint) if embed_VD is None else embed_VD
+    if emb.shape[0] != vocab_size:
+        raise UserError(f"embedding has {emb.shape[0]} rows but model.vocab_size={vocab_size}")
+    if v == "clustered":
+        return clustered_tables(emb, num_experts, N, cfg.seed)
+    labels_V = dispersed_clusters(emb, num_experts, cfg.seed)
+    return torch.stack([deal_round_robin(labels_V, num_experts, s) for s in variation])
 
 
 class HashRouter(nn.Module):
@@ -227,8 +294,8 @@ class HashRouter(nn.Module):
         if self.cfg.variant == "bigram":
             if ctx.prev_token_ids is None:
                 raise ValueError("hash variant 'bigram' needs RoutingContext.prev_token_ids")
-            prev_T = ctx.prev_token_ids.reshape(-1, 1)
-            expert_ids_TK = (expert_ids_TK + (self.cfg.bigram_prime * prev_T) % self.num_experts) % self.num_experts
+            prev_TK = self.table[:, ctx.prev_token_ids.reshape(-1)].t()  # hash m's relabelled prev % E
+            expert_ids_TK = (expert_ids_TK + (self.cfg.bigram_prime * prev_TK) % self.num_experts) % self.num_experts
         zero = x_TD.new_zeros((), dtype=torch.float32)
         return RouterOutput(expert_ids_TK=expert_ids_TK.contiguous(),
                             weights_TK=torch.ones(expert_ids_TK.shape, dtype=torch.float32, device=x_TD.device),

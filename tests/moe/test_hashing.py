@@ -190,3 +190,91 @@ def test_build_hash_table_tool_and_table_file(tmp_path):
     assert torch.equal(layer.router.table, torch.from_numpy(table))
     with pytest.raises(UserError, match="table_file"):
         _layer("random", table_file=str(out), num_hashes=2)  # shape mismatch names the field
+
+
+# ---- MultiHash: the N hashes must partition the keys differently -------------------------
+
+BIG_V, BIG_E = 4096, 8
+
+
+def _all_hash_collision(cells_KN: torch.Tensor) -> float:
+    """Fraction of pairs of distinct keys that share an expert in every one of the N hashes."""
+    _, c = torch.unique(cells_KN, dim=0, return_counts=True)
+    k = cells_KN.shape[0]
+    return float((c * (c - 1)).sum()) / (k * (k - 1))
+
+
+def _multihash_cells(variant: str, n: int, tmp_path) -> torch.Tensor:
+    """[keys, N] expert of each hash for the variant's key space (sampled (cur, prev) pairs for
+    bigram, every id / position otherwise), routed through HashRouter itself."""
+    g = torch.Generator().manual_seed(5)
+    kw = {}
+    if variant == "balanced":
+        counts = np.random.default_rng(0).zipf(1.2, BIG_V).astype(np.int64) % 100_000
+        counts[-50:] = 0
+        np.save(tmp_path / "big.counts.npy", counts)
+        kw["counts_file"] = str(tmp_path / "big.counts.npy")
+    if variant in ("clustered", "dispersed"):  # structured rows: 64 blobs in 16 dims
+        from safetensors.torch import save_file
+
+        centers = torch.randn(64, 16, generator=g) * 3
+        emb = centers[torch.randint(0, 64, (BIG_V,), generator=g)] + torch.randn(BIG_V, 16, generator=g)
+        save_file({"embed.weight": emb}, str(tmp_path / "emb.safetensors"))
+        kw["embedding_checkpoint"] = str(tmp_path / "emb.safetensors")
+    if variant == "oracle_future":
+        kw["allow_oracle"] = True
+    cfg = HashConfig(variant=variant, num_hashes=n, **kw)
+    router = hashing.HashRouter(cfg, BIG_E, BIG_V, max_positions=BIG_V)
+    keys = torch.arange(BIG_V)
+    if variant == "bigram":
+        cur, prev = torch.randint(0, BIG_V, (2, 4000), generator=g)
+        ctx = RoutingContext(token_ids=cur, prev_token_ids=prev)
+    else:
+        ctx = RoutingContext(token_ids=keys, prev_token_ids=keys, next_token_ids=keys, positions=keys)
+    return router(torch.zeros(ctx.token_ids.numel(), 1), ctx).expert_ids_TK
+
+
+@pytest.mark.parametrize("variant,n", [("random", 2), ("random", 4), ("previous", 2), ("oracle_future", 2),
+                                       ("balanced", 2), ("balanced", 4), ("bigram", 2), ("position", 2),
+                                       ("clustered", 2), ("dispersed", 2)])
+def test_multihash_hashes_partition_differently(variant, n, tmp_path):
+    """Today's relabelling of hash 0 (``perm_m[table_0]``) makes every pair that collides in hash
+    0 collide in all N hashes: the all-N collision rate then equals hash 0's (>= ~1/E). Random
+    hashes give ~1/E^N; the deterministic variants must be far below 1/E (here < 1/(4E))."""
+    cells = _multihash_cells(variant, n, tmp_path)
+    one, all_n = _all_hash_collision(cells[:, :1]), _all_hash_collision(cells)
+    print(f"{variant} N={n} E={BIG_E}: pairs colliding in hash 0 {one:.5f}, in all {n} hashes {all_n:.6f} "
+          f"(1/E={1 / BIG_E:.5f}, 1/E^N={BIG_E ** -n:.6f})")
+    assert one >= 0.9 / BIG_E  # the bar below means something: one hash collides at ~1/E
+    if variant in ("random", "previous", "oracle_future"):
+        assert abs(all_n * BIG_E ** n - 1) < 0.2, all_n
+    else:
+        assert all_n < 0.25 / BIG_E, all_n
+    if variant in ("balanced", "position", "bigram", "dispersed"):  # variation keeps each hash's property
+        for m in range(n):
+            load = torch.bincount(cells[:, m], minlength=BIG_E).float()
+            if variant == "balanced":
+                counts = torch.from_numpy(np.load(tmp_path / "big.counts.npy")).double()
+                load = torch.zeros(BIG_E, dtype=torch.float64).index_add_(0, cells[:, m], counts)
+            assert load.max() / load.mean() < 1.02 if variant != "bigram" else load.max() / load.mean() < 1.15
+
+
+def test_multihash_hash0_is_the_plain_rule(tmp_path):
+    """Hash 0 of a MultiHash table is exactly the single-hash table (for every variant whose plain
+    rule is seeded the same way)."""
+    for variant in ("balanced", "bigram", "position", "dispersed", "clustered"):
+        one = _multihash_cells(variant, 1, tmp_path)
+        two = _multihash_cells(variant, 2, tmp_path)
+        assert torch.equal(one[:, 0], two[:, 0]), variant
+
+
+def test_dispersed_multihash_keeps_groups_apart():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=g) * 10
+    emb = centers.repeat_interleave(12, 0) + 0.01 * torch.randn(48, 8, generator=g)
+    labels = hashing.dispersed_clusters(emb, 4, seed=0)
+    for seed in (None, 1, 2):
+        table = hashing.deal_round_robin(labels, 4, seed)
+        assert torch.bincount(table, minlength=4).tolist() == [12] * 4
+        for grp in range(4):
+            assert table[grp * 12:(grp + 1) * 12].unique().numel() == 4

@@ -45,7 +45,7 @@ $(DATA)/corpus_text_document.idx: $(DATA)/tokenizer/spm.model
 
 # unigram counts for the balanced hash router (1-D int64, length = vocab size)
 $(DATA)/corpus_text_document.counts.npy: $(DATA)/corpus_text_document.idx
-	$(BIN)/python tools/count_tokens.py --data-prefix $(DATA)/corpus_text_document
+	$(BIN)/python tools/count_tokens.py --data-prefix $(DATA)/corpus_text_document --split 98,2,0
 
 data: $(DATA)/corpus_text_document.counts.npy
 

@@ -38,7 +38,7 @@ def test_preprocess_cli_small(tmp_path, small_jsonl, tokenizer):
     assert (tmp_path / meta["tokenizer"]["path"]).resolve() == tokenizer.resolve()
     assert not list(tmp_path.glob(".tmp-*"))  # temporary files and the datasets cache are gone
 
-    r = tool("count_tokens", "--data-prefix", prefix)
+    r = tool("count_tokens", "--data-prefix", prefix, "--split", "1,0,0")  # all sequences are train
     assert r.returncode == 0, r.stderr
     counts = np.load(f"{prefix}.counts.npy")
     tokens = np.memmap(f"{prefix}.bin", dtype=np.uint16, mode="r")

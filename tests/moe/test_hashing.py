@@ -278,3 +278,28 @@ def test_dispersed_multihash_keeps_groups_apart():
         assert torch.bincount(table, minlength=4).tolist() == [12] * 4
         for grp in range(4):
             assert table[grp * 12:(grp + 1) * 12].unique().numel() == 4
+
+
+def test_count_tokens_counts_the_training_split_only(tmp_path, capsys):
+    """Balanced tables must come from training-data counts: the sequences megatron-core puts in
+    valid/test (the tail of the file, by its rounding) are not counted."""
+    import importlib.util
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "d_text_document")
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    seqs = [np.arange(1 + i, 6 + i, dtype=np.int32) % 7 for i in range(8)] + [np.full(4, 9, np.int32)] * 2
+    for s in seqs:  # 8 train sequences over ids 0..6, then 2 valid sequences of id 9
+        builder.add_item(torch.from_numpy(s))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    spec = importlib.util.spec_from_file_location("ct", REPO / "tools" / "count_tokens.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--data-prefix", prefix, "--vocab-size", "12", "--split", "80,20,0"])
+    assert e.value.code == 0
+    counts = np.load(f"{prefix}.counts.npy")
+    np.testing.assert_array_equal(counts, np.bincount(np.concatenate(seqs[:8]), minlength=12))
+    assert counts[9] == 0 and "sequences 0..8 of 10" in capsys.readouterr().out

@@ -21,6 +21,15 @@ Grad norm: DeepSpeed's ZeRO-1/2 norm counts TP-replicated params on TP rank 0 on
 megatron-core marks ``tensor_model_parallel`` count on every TP rank) and sums the expert
 partitions over the DP group: every parameter is counted once. tests/train checks the norm
 across layouts against one process.
+
+Coupling check (:func:`check_deepspeed_moe`, run right after ``deepspeed.initialize``): the
+patch above, the ``groups`` registry and the param-group keys ``moe`` / ``name`` are DeepSpeed
+internals. If a DeepSpeed release stops honouring any of them, training would still run, but it
+would average *different* experts over data parallelism (or never reduce them). So the engine
+is asked what it actually built -- ``has_moe_layers``, its expert-parallel / expert-DP groups,
+the optimizer's MoE param groups and, under ZeRO-1/2, the group each partition is reduced
+over -- and any difference from megatron-core's groups is an error that names the DeepSpeed
+version. Verified range: :data:`VERIFIED_DEEPSPEED` (keep pyproject.toml equal).
 """
 
 from __future__ import annotations
@@ -33,6 +42,14 @@ import torch.distributed as dist
 
 from megamoe import parallel
 from megamoe.config import ConfigError
+from megamoe.utils import print0
+
+# DeepSpeed releases whose MoE internals check_deepspeed_moe was verified against (pyproject.toml).
+VERIFIED_DEEPSPEED = ">=0.19.8,<0.20"
+
+
+class DeepSpeedCouplingError(RuntimeError):
+    """DeepSpeed did not build the MoE reduction megamoe relies on (see check_deepspeed_moe)."""
 
 
 class MegatronMPU:
@@ -218,9 +235,102 @@ def build_engine(model, run_cfg, layout, ds_config: dict):
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    # ZeRO replaces each group's params by flat partitions: record what each group held now.
+    planned = [(g.get("name"), bool(g.get("moe")), [is_expert_param(p) for p in g["params"]]) for g in groups]
     ctx = _deepspeed_sees_moe(model) if has_moe else contextlib.nullcontext()
     with ctx:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=MegatronMPU(),
             config=ds_config, dist_init_required=False)
+    if has_moe:
+        c = check_deepspeed_moe(engine, model, layout.ep, planned)
+        print0(f"deepspeed {c['deepspeed']}: {c['moe_layers']} MoE layers seen, experts reduced over expert-DP "
+               f"ranks {c['expert_dp']} (group {c['group']}), dense params over DP ranks {c['dp']}: checked")
     return engine, optimizer, scheduler
+
+
+def _base_optimizer(opt):
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, BF16_Optimizer, ...)."""
+    while not isinstance(opt, torch.optim.Optimizer) and getattr(opt, "optimizer", None) is not None:
+        opt = opt.optimizer
+    return opt
+
+
+def check_deepspeed_moe(engine, model, ep: int, planned: list[tuple]) -> dict:
+    """Assert DeepSpeed recognised megamoe's MoE layers and reduces experts over expert-DP.
+
+    ``planned``: ``(name, moe, [is_expert_param per param])`` of each param group handed to
+    ``deepspeed.initialize``. Checks, all against megatron-core's groups on this rank:
+
+    1. ``engine.has_moe_layers`` and one ``engine.num_experts`` entry per megamoe MoE layer;
+    2. every expert param is named for group ``ep_size_{ep}`` (DeepSpeed's reduction key);
+    3. ``engine.expert_parallel_group`` / ``engine.expert_data_parallel_group`` and
+       ``engine.data_parallel_group`` hold megatron-core's EP / expert-DP / DP rank lists;
+    4. the param groups holding expert params hold only them and are ``moe=True`` with
+       ``name=ep_size_{ep}``; the optimizer DeepSpeed steps still has those groups, in order;
+    5. ZeRO-1/2: each MoE group's partition is reduced over expert-DP, every other over DP.
+
+    Returns a summary (rank lists, group names); raises :class:`DeepSpeedCouplingError`
+    listing every mismatch.
+    """
+    import deepspeed
+
+    name = f"ep_size_{ep}"
+    want_ep, want_edp = _ranks(parallel.ep_group()), _ranks(parallel.expert_dp_group())
+    want_dp = _ranks(parallel.dp_group())
+    bad: list[str] = []
+
+    layers = moe_modules(model)
+    if not getattr(engine, "has_moe_layers", False):
+        bad.append("engine.has_moe_layers is False: DeepSpeed did not see megamoe's MoE layers "
+                   "(the isinstance patch of deepspeed.runtime.engine.MoE no longer takes effect)")
+    got_e = list(getattr(engine, "num_experts", []) or [])
+    if got_e != [m.num_experts for m in layers]:
+        bad.append(f"engine.num_experts={got_e}, megamoe has {[m.num_experts for m in layers]}")
+    wrong = sorted({getattr(p, "group_name", None) for m in layers for p in m.parameters()
+                    if is_expert_param(p)} - {name})
+    if wrong:
+        bad.append(f"expert params carry group_name {wrong}, expected {name!r}")
+
+    def group_ranks(attr: str, d: bool):
+        g = getattr(engine, attr, None)
+        g = g.get(name) if d and isinstance(g, dict) else (None if d else g)
+        return _ranks(g) if g is not None else None
+
+    for attr, is_dict, want in (("expert_parallel_group", True, want_ep),
+                                ("expert_data_parallel_group", True, want_edp),
+                                ("data_parallel_group", False, want_dp)):
+        got = group_ranks(attr, is_dict)
+        if got != want:
+            key = f"engine.{attr}" + (f"[{name!r}]" if is_dict else "")
+            bad.append(f"{key} ranks={got}, megatron-core's are {want}")
+
+    for i, (gname, moe, flags) in enumerate(planned):
+        if any(flags) and not (all(flags) and moe and gname == name):
+            bad.append(f"param group {i} ({gname!r}, moe={moe}) holds {sum(flags)}/{len(flags)} expert params; "
+                       f"split_params_into_different_moe_groups_for_optimizer should give moe=True, name={name!r}, "
+                       "expert params only")
+        elif moe and not any(flags) and flags:
+            bad.append(f"param group {i} ({gname!r}) is moe=True but holds no expert params")
+    if not any(moe for _, moe, _ in planned):
+        bad.append("no param group is marked moe=True")
+    base = _base_optimizer(engine.optimizer)
+    stepped = [(g.get("name"), bool(g.get("moe"))) for g in getattr(base, "param_groups", [])]
+    if stepped != [(n, m) for n, m, _ in planned]:
+        bad.append(f"the optimizer DeepSpeed steps has param groups (name, moe)={stepped}, "
+                   f"megamoe built {[(n, m) for n, m, _ in planned]}")
+    reduce_over = getattr(engine.optimizer, "real_dp_process_group", None)  # ZeRO-1/2
+    if reduce_over is not None:
+        for i, (gname, moe, _) in enumerate(planned[:len(reduce_over)]):
+            got, want = _ranks(reduce_over[i]), (want_edp if moe else want_dp)
+            if got != want:
+                bad.append(f"ZeRO reduces param group {i} ({gname!r}, moe={moe}) over ranks {got}, "
+                           f"expected {'expert-DP' if moe else 'DP'} {want}")
+    if bad:
+        raise DeepSpeedCouplingError(
+            f"rank {dist.get_rank()}: DeepSpeed {deepspeed.__version__} does not reduce megamoe's experts as "
+            f"megamoe expects (verified with deepspeed{VERIFIED_DEEPSPEED}); refusing to train, because "
+            "expert gradients would be averaged over the wrong ranks:\n  - " + "\n  - ".join(bad))
+    return {"deepspeed": deepspeed.__version__, "group": name, "ep": want_ep, "expert_dp": want_edp,
+            "dp": want_dp, "moe_layers": len(layers),
+            "moe_param_groups": [i for i, (_, moe, _) in enumerate(planned) if moe]}

@@ -1,0 +1,146 @@
+"""DeepSpeed coupling check (megamoe/train/engine.py:check_deepspeed_moe) and a readable console.
+
+- On 2 gloo ranks, a real DeepSpeed engine over a megamoe MoE model passes the check at EP=2
+  (expert-DP = one rank) and EP=1 (expert-DP = both ranks), under ZeRO-2 and ZeRO-0; then each
+  thing a DeepSpeed upgrade could silently change is broken on that engine in turn (the MoE
+  flag, the expert-DP group, the optimizer's MoE param group, the group ZeRO reduces a
+  partition over) and the check must raise naming the DeepSpeed version and the mismatch.
+- A short 2-rank ZeRO-2 run with two saves prints no warning more than once (the four
+  "Transformer Engine and Apex are not installed" per rank and DeepSpeed's
+  ``all_gather_into_tensor`` FutureWarning were the noise), and says the check ran.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import run_distributed
+from tests.train.helpers import launch
+
+
+def _engine(ep: int, zero: int, precision: str):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from megamoe import parallel
+    from megamoe.config import from_dict
+    from megamoe.model.gpt import build_model
+    from megamoe.run_config import RunConfig
+    from megamoe.train.ds_config import build_ds_config
+    from megamoe.train.engine import build_engine
+
+    run = from_dict(RunConfig, {
+        "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64,
+                  "max_position_embeddings": 32},
+        "moe": {"num_experts": 4, "every": 1, "router": {"top_k": 1}},
+        "parallel": {"expert_parallel": ep},
+        "data": {"seq_length": 16},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "zero_stage": zero, "precision": precision}})
+    layout = parallel.init_parallel(run.parallel)
+    parallel.seed_everything(1)
+    model = build_model(run.model, run.moe, run.parallel)
+    if precision == "bf16":
+        import torch
+
+        model = model.to(torch.bfloat16)
+    engine, _, _ = build_engine(model, run, layout, build_ds_config(run.train, layout.dp, has_moe=True))
+    return engine, model, layout
+
+
+def _check_then_break(rank, world, ep, zero, precision):
+    import deepspeed
+
+    from megamoe import parallel
+    from megamoe.train.engine import (DeepSpeedCouplingError, _base_optimizer, check_deepspeed_moe,
+                                      is_expert_param)
+
+    engine, model, layout = _engine(ep, zero, precision)
+    name = f"ep_size_{ep}"
+    base = _base_optimizer(engine.optimizer)
+    planned = [(g.get("name"), bool(g.get("moe")), [True] if g.get("moe") else [False]) for g in base.param_groups]
+    summary = check_deepspeed_moe(engine, model, ep, planned)
+    edp = [rank] if ep == 2 else [0, 1]
+    assert summary["expert_dp"] == edp and summary["dp"] == [0, 1] and summary["group"] == name
+    assert summary["moe_layers"] == 2 and summary["moe_param_groups"], summary
+    assert all(p.group_name == name for p in model.parameters() if is_expert_param(p))
+
+    def must_fail(what: str):
+        with pytest.raises(DeepSpeedCouplingError) as e:
+            check_deepspeed_moe(engine, model, ep, planned)
+        msg = str(e.value)
+        assert f"DeepSpeed {deepspeed.__version__}" in msg and what in msg, msg
+
+    engine.has_moe_layers = False
+    must_fail("has_moe_layers")
+    engine.has_moe_layers = True
+
+    real = engine.expert_data_parallel_group[name]
+    wrong = parallel.ep_group() if ep == 1 else parallel.dp_group()  # a group of other ranks
+    engine.expert_data_parallel_group[name] = wrong
+    must_fail("expert_data_parallel_group")
+    engine.expert_data_parallel_group[name] = real
+
+    moe_idx = next(i for i, g in enumerate(base.param_groups) if g.get("moe"))
+    base.param_groups[moe_idx]["moe"] = False
+    must_fail("param groups")
+    base.param_groups[moe_idx]["moe"] = True
+
+    bad_plan = [(n, False, flags) for n, _, flags in planned]  # experts in a group DeepSpeed would DP-average
+    with pytest.raises(DeepSpeedCouplingError, match="expert params"):
+        check_deepspeed_moe(engine, model, ep, bad_plan)
+
+    reduce_over = getattr(engine.optimizer, "real_dp_process_group", None)
+    assert (reduce_over is not None) == (zero > 0)
+    if reduce_over is not None:
+        real = reduce_over[moe_idx]
+        reduce_over[moe_idx] = wrong
+        must_fail("ZeRO reduces param group")
+        reduce_over[moe_idx] = real
+    check_deepspeed_moe(engine, model, ep, planned)  # restored: passes again
+
+
+@pytest.mark.parametrize("ep,zero,precision", [(2, 2, "fp32"), (1, 2, "bf16"), (1, 0, "fp32")])
+def test_deepspeed_moe_check_passes_and_catches_each_mismatch(ep, zero, precision):
+    run_distributed(_check_then_break, world_size=2, args=(ep, zero, precision))
+
+
+def test_megamoe_itself_calls_no_deprecated_all_gather_into_tensor():
+    """megamoe/utils.py filters the FutureWarning of DeepSpeed's call; it must hide no call of ours."""
+    pkg = Path(__file__).resolve().parents[2] / "megamoe"
+    calls = [f"{p}:{i}" for p in pkg.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"\ball_gather_into_tensor\s*\(", line)]
+    assert not calls, calls
+
+
+def test_short_run_prints_each_warning_at_most_once(tiny_moe, tmp_path):
+    cfg, init = tiny_moe
+    rc, log = launch(cfg, 2, ["parallel.expert_parallel=2", f"train.init_from={init}", "train.train_steps=4",
+                              "train.save_interval=2", f"train.save_dir={tmp_path}/ckpt",
+                              f"train.log_dir={tmp_path}/logs"])
+    assert rc == 0, log[-3000:]
+    for noise in ("Transformer Engine and Apex are not installed", "all_gather_into_tensor"):
+        assert log.count(noise) <= 1, (noise, log[-3000:])
+    warnings = re.findall(r"^\S*?(?:\S+\.py:\d+: )?(\w*Warning: .*)$", log.replace("\r", "\n"), re.M)
+    repeated = {w for w in warnings if warnings.count(w) > 1}
+    assert not repeated, repeated
+    assert "MoE layers seen" in log and "checked" in log  # the coupling check ran in a real run
+
+
+def test_pyproject_bounds_deepspeed_to_the_verified_range():
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    from megamoe.train.engine import VERIFIED_DEEPSPEED
+
+    root = Path(__file__).resolve().parents[2]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("deepspeed"))
+    assert SpecifierSet(spec[len("deepspeed"):]) == SpecifierSet(VERIFIED_DEEPSPEED), spec
+    assert version("deepspeed") in SpecifierSet(VERIFIED_DEEPSPEED)
+    pinned = [ln.split("#")[0].strip() for ln in (root / "requirements.txt").read_text().splitlines()
+              if ln.startswith("deepspeed")]
+    assert pinned and pinned[0].split("==")[1] in SpecifierSet(VERIFIED_DEEPSPEED), pinned

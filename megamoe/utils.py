@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file output, rank-aware printing and progress bars."""
+"""Small shared helpers: atomic file output, rank-aware printing and progress bars, and the
+one place where known dependency warnings are filtered."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -61,3 +63,28 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("disable", not is_rank0())
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+def filter_dependency_warnings() -> None:
+    """Drop the dependency warnings every start-up printed on every rank, matched precisely.
+
+    Called once from ``megamoe/__init__.py``, i.e. before megamoe imports megatron-core or
+    DeepSpeed, so each rank's console shows none of them. Each filter matches one message from
+    one package; anything else (including new warnings from the same packages) still shows.
+
+    - megatron-core 0.16 warns "Transformer Engine and Apex are not installed" four times at
+      ``import megatron.core`` (its optimizer, clip_grads and FSDP mixed-precision modules fall
+      back to torch). megamoe uses none of those modules: it takes megatron-core's process
+      groups, TP layers and datasets, and its own torch AdamW / DeepSpeed ZeRO, so the fallback
+      changes nothing here.
+    - DeepSpeed 0.19.8's ZeRO-1/2 all-gathers updated partitions with
+      ``torch.distributed.all_gather_into_tensor`` (deepspeed/comm/torch.py), which torch 2.13
+      deprecates in favour of ``all_gather_single`` (a FutureWarning per rank, first seen at the
+      first optimizer step). It is DeepSpeed's call to update, not ours: megamoe's own
+      collectives all go through megamoe/comm.py, which does not use that function
+      (tests/train/test_engine_checks.py checks it), so this filter hides no megamoe call.
+    """
+    warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed",
+                            category=UserWarning, module=r"megatron(\.|_fsdp)")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning, module=r"torch\.distributed\.")

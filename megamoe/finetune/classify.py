@@ -1,11 +1,11 @@
-"""Multi-task sequence classification on the native decoder.
+"""Multi-task sequence classification on a Hugging Face causal LM's decoder.
 
-The decoder's LM head is swapped for a pass-through (``HiddenOut``), so ``model(ids).logits``
-is the final-norm hidden state [B, S, D] and no vocabulary projection is paid for. The
-example's representation is the hidden state at its last real token (the model is causal, so
-right padding does not leak into it). All tasks share one output layer of sum(C_t) classes;
-each example's logits outside its task's slice are masked to -inf, so softmax cross-entropy
-over the masked row equals the task's own C_t-way cross-entropy.
+The decoder (``model.model``: Llama / Mixtral / megamoe) gives the final-norm hidden state
+[B, S, D]; the LM head is never run. The example's representation is the hidden state at its
+last real token (the model is causal, so right padding does not leak into it). All tasks share
+one output layer of sum(C_t) classes; each example's logits outside its task's slice are masked
+to -inf, so softmax cross-entropy over the masked row equals the task's own C_t-way
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -16,22 +16,20 @@ import torch.nn.functional as F
 from megamoe.finetune.inject import set_task_ids
 
 
-class HiddenOut(torch.nn.Module):
-    """Stands in for the ColumnParallelLinear LM head: returns its input as ``(x, None)``."""
-
-    def forward(self, x, weight=None):
-        return x, None
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S, D] final-norm hidden states of an HF causal LM (PEFT-wrapped or not)."""
+    out = model.model(input_ids=input_ids, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
 class MultiTaskClassifier(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, hidden_size: int, num_classes: list[int]):
         super().__init__()
-        model.lm_head = HiddenOut()
         self.model = model
         self.head = torch.nn.Linear(hidden_size, sum(num_classes))
         torch.nn.init.normal_(self.head.weight, std=0.02)
         torch.nn.init.zeros_(self.head.bias)
-        offsets = torch.tensor([0] + num_classes).cumsum(0)
+        offsets = torch.tensor([0] + list(num_classes)).cumsum(0)
         mask_TC = torch.full((len(num_classes), sum(num_classes)), float("-inf"))
         for t in range(len(num_classes)):
             mask_TC[t, offsets[t]:offsets[t + 1]] = 0.0
@@ -41,7 +39,7 @@ class MultiTaskClassifier(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Masked logits [B, sum(C)]; the class of example b is ``argmax - offsets[task_b]``."""
         set_task_ids(self.model, task_ids)
-        h_BSD = self.model(input_ids).logits
+        h_BSD = final_hidden(self.model, input_ids)
         pooled_BD = h_BSD[torch.arange(h_BSD.shape[0]), lengths - 1]
         return self.head(pooled_BD.float()) + self.mask_TC[task_ids]
 

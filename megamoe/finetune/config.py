@@ -5,17 +5,29 @@ handful of method-specific knobs; each knob is validated only for the methods th
 Errors name the field (``ConfigError``), e.g. ``finetune.rank=0: must be >= 1``.
 
 Decisions on the papers' open points (all are settings; defaults and why):
-- C-Poly ``cpoly_route_private=True``: the private skills get learned assignment logits like
-  the shared ones (the paper's single "skill assignment matrix" covers both).
-- C-Poly ``cpoly_normalize="joint"``: shared and private weights are normalised together, so
-  the task trades shared against private skills and with zero private skills it *is* Poly.
-  ``"separate"`` normalises each group to 1 (private always weighs as much as all shared).
-- TensorPoly: LoRA convention, the B side starts at zero. Because a Kronecker product of
-  all-zero vectors has zero gradient, only the *last order's* vectors of B are zero; the
-  others are random, so the gradient reaches the zero vectors at step 1.
-- MTA ``mta_router="task"``: the router input is the task id (a learned logit table, as the
-  whole suite routes at the task level); ``mta_router_init`` puts weight on the task's own
-  adapter so stage 2 starts where stage 1 ended rather than from a uniform mixture.
+- Scaling: one ``alpha`` for every LoRA-family method, delta = (alpha / rank) B A x. Default
+  alpha = 1, the official Poly/MHR/TensorPoly scale 1/r (PEFT ``tuners/poly/layer.py``, mttl
+  ``mttl/models/poly.py``); LoRA gets the same through PEFT's ``lora_alpha``.
+- Routing logits train in their own AdamW group at ``routing_lr`` = 0.1, no weight decay
+  (mttl ``mttl/arguments.py`` ``module_logits_learning_rate: float = 0.1``, used by
+  ``mttl/models/get_optimizer.py``). At a shared 3e-3 they move < 1 in 300 steps against
+  relaxed-Bernoulli noise of sd ~1.8, so routing never leaves uniform.
+- C-Poly private skills (``cpoly_normalize``): ``"separate"`` (default) normalises the shared
+  weights to 1 and the private weights to 1 on their own, so with one private skill the task
+  always gets its private LoRA at full weight beside the shared mixture (the paper's two
+  allocation matrices, task-common and task-specific). ``"joint"`` normalises shared and
+  private together (with S=4, P=1 the private skill starts at 1/5 of the weight) and with zero
+  private skills is Poly. ``cpoly_route_private``: private skills get learned logits too (a
+  no-op with ``"separate"`` and P=1).
+- TensorPoly-I/II follow mttl branch ``zs_code`` ``mttl/models/poly.py`` (``PolyLoRATensor``,
+  ``PolyLoRATensorOrder``): leaves of length ceil(d^(1/order)), a LayerNorm([rank, m^2]) after
+  each pairwise leaf product, order in {1, 2, 4}, ``num_skills`` tensor-rank components, and
+  the official init (``tensor_init="official"``: not a no-op). ``"zero"`` zeroes B's
+  LayerNorm affine (or B's leaves at order 1) so the adapter starts as a no-op.
+- MTA (ALTER): one bottleneck adapter per task on every decoder layer's output hidden state,
+  mixed by a task-level router (``mta_router="task"``, a learned [T, T] logit table);
+  ``mta_router_init`` puts weight on the task's own adapter so stage 2 starts where stage 1
+  ended rather than from a uniform mixture.
 """
 
 from __future__ import annotations
@@ -36,21 +48,22 @@ class AdapterConfig:
     # (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or "all".
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     rank: int = 4                    # LoRA rank r (all LoRA-type methods)
-    alpha: float = 8.0               # scaling alpha / r
+    alpha: float = 1.0               # scale alpha / r for every LoRA-family method (1: official Poly 1/r)
+    routing_lr: float = 0.1          # AdamW lr of the routing logits (mttl module_logits_learning_rate)
+    relaxed_bernoulli: bool = True   # sample routing in training (Poly); False = sigmoid (TensorPoly SOTA cfg)
     temperature: float = 1.0         # relaxed-Bernoulli (Gumbel-sigmoid) temperature, training only
     # Poly / MHR / C-Poly
     num_skills: int = 4              # shared skill inventory S
     num_splits: int = 1              # MHR blocks (1 = Poly); must divide in and out dims
     private_skills: int = 1          # C-Poly private skills per task (0 = Poly)
     cpoly_route_private: bool = True
-    cpoly_normalize: Literal["joint", "separate"] = "joint"
-    # TensorPoly / TLoRA
-    tensor_order: int = 2            # N small vectors per Kronecker product
-    tensor_components: int = 2       # K summed Kronecker products per factor row (TensorPoly-I routes over them)
-    tensor_skills: int = 2           # TensorPoly-II: inventory size per order
+    cpoly_normalize: Literal["joint", "separate"] = "separate"
+    # TensorPoly-I/II (skills = num_skills tensor-rank components / per-order inventory)
+    tensor_order: int = 4            # leaves per Kronecker product: 1, 2 or 4 (official SOTA: 4)
+    tensor_init: Literal["official", "zero"] = "official"
     # MTA (ALTER)
     bottleneck: int = 16             # adapter width m (D -> m -> D)
-    mta_router: Literal["task"] = "task"
+    mta_router: Literal["task"] = "task"   # router input: the task id (a learned [T, T] logit table)
     mta_router_init: float = 3.0     # initial logit of a task's own adapter (others 0)
 
     def __post_init__(self):
@@ -63,12 +76,22 @@ class AdapterConfig:
         check(self.rank >= 1, "rank", self.rank, "must be >= 1")
         check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
         check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
-        check(self.num_skills >= 1, "num_skills", self.num_skills, "must be >= 1")
+        check(self.num_skills >= (0 if self.method == "cpoly" else 1), "num_skills", self.num_skills,
+              "must be >= 1 (>= 0 for cpoly: 0 = private LoRA per task only)")
+        check(self.method != "cpoly" or self.num_skills + self.private_skills >= 1, "private_skills",
+              self.private_skills, "cpoly needs num_skills + private_skills >= 1")
         check(self.num_splits >= 1, "num_splits", self.num_splits, "must be >= 1")
         check(self.private_skills >= 0, "private_skills", self.private_skills, "must be >= 0")
-        check(self.tensor_order >= 1, "tensor_order", self.tensor_order, "must be >= 1")
-        check(self.tensor_components >= 1, "tensor_components", self.tensor_components, "must be >= 1")
-        check(self.tensor_skills >= 1, "tensor_skills", self.tensor_skills, "must be >= 1")
+        check(self.routing_lr > 0, "routing_lr", self.routing_lr, "must be > 0")
+        check(self.cpoly_normalize in ("joint", "separate"), "cpoly_normalize", self.cpoly_normalize,
+              "must be 'joint' or 'separate'")
+        check(self.tensor_order in (1, 2, 4), "tensor_order", self.tensor_order,
+              "must be 1, 2 or 4 (the orders the official TensorPoly code builds)")
+        check(self.tensor_init in ("official", "zero"), "tensor_init", self.tensor_init, "must be 'official' or 'zero'")
+        if self.method == "poly":  # PEFT's PolyRouter: relaxed Bernoulli at temperature 1, scale 1/r
+            check(self.temperature == 1.0 and self.relaxed_bernoulli and self.alpha == 1.0, "method", self.method,
+                  "runs PEFT's Poly (temperature 1, relaxed Bernoulli, scale 1/r); for other settings use "
+                  "method cpoly with private_skills=0")
         check(self.bottleneck >= 1, "bottleneck", self.bottleneck, "must be >= 1")
 
     def targets(self) -> tuple[str, ...]:

@@ -1,10 +1,21 @@
-"""Fine-tune one method on the multi-task suite and evaluate it (used by tools/finetune.py).
+"""Fine-tune one method on the multi-task suite and evaluate it (tools/finetune.py calls this).
 
-``method`` is an adapter method (optionally with overrides, ``"lora:rank=16"``) (megamoe.finetune.config.METHODS), ``"head"`` (frozen base,
-only the classification head trains: the floor every adapter must beat) or ``"mta_one"``
-(MTA trained in one stage, the baseline for ALTER's two stages). ``"mta"`` is two-stage:
-the first ``mta_stage1_frac`` of the steps train adapters with each example on its own
-task's adapter, the rest train only the router (and the head).
+``method`` is an adapter method with optional overrides (``"lora:rank=16"``;
+megamoe.finetune.config.METHODS), ``"head"`` (frozen base, only the classification head
+trains: the floor every adapter must beat) or ``"mta_one"`` (MTA trained in one stage, the
+baseline for ALTER's two stages). ``"mta"`` is two-stage at *equal adapter steps*: ``steps``
+steps of stage 1 (adapters, each example on its own task's adapter), then ``mta_stage2_steps``
+steps of stage 2 (router and head only) on top; ``mta_one`` trains adapters and router together
+for ``steps`` steps.
+
+Optimizer: AdamW, two groups (megamoe.finetune.base.param_groups): adapters + head at ``lr``,
+routing logits at ``cfg.routing_lr`` (0.1, mttl's default). Gradient clipping 1.0.
+
+Data parallel: under DeepSpeed (``dp=True``, launched with ``deepspeed``/``torchrun``), every
+rank draws the same global batch of indices and takes its contiguous share; the engine averages
+gradients, so the update equals one process on the whole batch (the routing noise differs:
+each rank draws its own relaxed-Bernoulli samples; with ``relaxed_bernoulli=False`` or LoRA
+the runs agree to float tolerance, tests/finetune/test_dp.py).
 """
 
 from __future__ import annotations
@@ -15,20 +26,25 @@ from collections.abc import Callable
 
 import torch
 
+from megamoe.errors import UserError
+from megamoe.finetune.base import param_groups
 from megamoe.finetune.classify import MultiTaskClassifier
 from megamoe.finetune.config import AdapterConfig
 from megamoe.finetune.data import TaskSplit
-from megamoe.finetune.inject import count_params, inject_adapters, set_mta_stage
-from megamoe.utils import progress
+from megamoe.finetune.inject import (
+    count_params,
+    inject_adapters,
+    mean_routing_entropy,
+    set_mta_stage,
+)
 
 RUN_METHODS = ("head", "lora", "poly", "cpoly", "tensorpoly1", "tensorpoly2", "mta", "mta_one")
+ROUTED = ("poly", "cpoly", "tensorpoly1", "tensorpoly2")
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``"lora:rank=16/alpha=32"`` -> ("lora", {"rank": 16, "alpha": 32}); values parsed as YAML."""
+    """``"lora:rank=16/alpha=2"`` -> ("lora", {"rank": 16, "alpha": 2}); values parsed as YAML."""
     import yaml
-
-    from megamoe.errors import UserError
 
     name, _, rest = spec.partition(":")
     if name not in RUN_METHODS:
@@ -42,69 +58,148 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def method_config(spec: str, base_cfg: AdapterConfig, num_tasks: int) -> tuple[str, AdapterConfig | None]:
+    """The run's method name and its AdapterConfig (None for ``head``). Overrides apply on top
+    of ``base_cfg``; ``alpha`` is shared, so a ``rank`` override keeps scale = alpha / rank."""
+    method, overrides = parse_method(spec)
+    if method == "head":
+        return method, None
+    try:
+        cfg = dataclasses.replace(base_cfg, **overrides, method="mta" if method == "mta_one" else method,
+                                  num_tasks=num_tasks)
+    except TypeError as e:
+        raise UserError(f"method {spec!r}: {e}") from None
+    return method, cfg
+
+
 def _batch(data: TaskSplit, idx: torch.Tensor):
     S = int(data.lengths[idx].max())
     return data.ids[idx, :S], data.lengths[idx], data.labels[idx], data.tasks[idx]
 
 
 @torch.no_grad()
-def evaluate(clf: MultiTaskClassifier, data: TaskSplit, num_tasks: int, batch_size: int = 64) -> list[float]:
-    """Per-task accuracy (eval mode: sigmoid routing, no noise)."""
+def evaluate(clf: MultiTaskClassifier, data: TaskSplit, batch_size: int = 128) -> torch.Tensor:
+    """[N] bool: is each test example right (eval mode: sigmoid routing, no noise)."""
     clf.eval()
-    correct, count = torch.zeros(num_tasks), torch.zeros(num_tasks)
+    right = []
     for start in range(0, len(data.labels), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data.labels)))
         ids, lengths, labels, tasks = _batch(data, idx)
-        pred = clf.predict(clf(ids, lengths, tasks), tasks)
-        correct.index_add_(0, tasks, (pred == labels).float())
-        count.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float))
+        right.append(clf.predict(clf(ids, lengths, tasks), tasks) == labels)
     clf.train()
+    return torch.cat(right)
+
+
+def per_task_acc(right: torch.Tensor, tasks: torch.Tensor, num_tasks: int) -> list[float]:
+    correct = torch.zeros(num_tasks).index_add_(0, tasks, right.float())
+    count = torch.zeros(num_tasks).index_add_(0, tasks, torch.ones_like(right, dtype=torch.float))
     return (correct / count.clamp(min=1)).tolist()
 
 
-def finetune_method(method: str, build_base: Callable[[], torch.nn.Module], hidden_size: int,
+class _Plain:
+    """One process: AdamW + clip, the reference the DeepSpeed path must match."""
+
+    def __init__(self, module, groups, clip):
+        self.module, self.clip = module, clip
+        self.opt = torch.optim.AdamW(groups)
+
+    def __call__(self, *a):
+        return self.module(*a)
+
+    def step(self, loss):
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.clip)
+        self.opt.step()
+
+
+class _DeepSpeed:
+    def __init__(self, module, groups, clip, micro_batch):
+        import deepspeed
+
+        opt = torch.optim.AdamW(groups)
+        ds_cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": clip, "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9,
+                  "wall_clock_breakdown": False}
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds_cfg)
+
+    def __call__(self, *a):
+        return self.engine(*a)
+
+    def step(self, loss):
+        self.engine.backward(loss)
+        self.engine.step()
+
+
+def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden_size: int,
                     num_classes: list[int], train: TaskSplit, test: TaskSplit, adapter_cfg: AdapterConfig,
-                    steps: int, batch_size: int, lr: float, seed: int = 0, mta_stage1_frac: float = 0.5) -> dict:
-    """Train ``method`` for ``steps`` steps from a fresh base; return accuracies and sizes."""
-    spec, (method, overrides) = method, parse_method(method)
+                    steps: int, batch_size: int, lr: float, seed: int = 0, mta_stage2_steps: int | None = None,
+                    dp: bool = False, on_model: Callable | None = None) -> dict:
+    """Train ``spec`` from a fresh base; return accuracies, sizes, routing entropy, per-example
+    correctness (``right``: a '0'/'1' string over the test set, for bootstrap intervals).
+    ``on_model(clf, injected)`` is called after training (e.g. to save the adapters)."""
+    from megamoe.utils import progress
+
+    T = len(num_classes)
+    method, cfg = method_config(spec, adapter_cfg, T)
     torch.manual_seed(seed)
     base = build_base()
-    T = len(num_classes)
-    if method == "head":
+    inj = None
+    if cfg is None:
         for p in base.parameters():
             p.requires_grad_(False)
         adapter_params = 0
     else:
-        cfg = dataclasses.replace(adapter_cfg, **overrides,
-                                  method="mta" if method == "mta_one" else method, num_tasks=T)
-        ads = inject_adapters(base, cfg)
-        adapter_params = sum(p.numel() for a in ads for p in a.parameters())
+        inj = inject_adapters(base, cfg)
+        adapter_params = sum(p.numel() for p in inj.adapter_params())
     clf = MultiTaskClassifier(base, hidden_size, num_classes)
-    stage1_steps = int(steps * mta_stage1_frac) if method == "mta" else 0
-    if method == "mta":
+    two_stage = method == "mta"
+    stage2 = (steps // 2 if mta_stage2_steps is None else mta_stage2_steps) if two_stage else 0
+    if two_stage:
         set_mta_stage(base, 1)
+    groups = param_groups(clf, lr, cfg.routing_lr if cfg else lr)
+    # Stage 2 trains the MTA router: put it in the optimizer now (frozen until then: no grad,
+    # so AdamW leaves it alone).
+    if two_stage:
+        routers = [p for n, p in clf.named_parameters() if n.endswith("router_logits")]
+        groups.append({"params": routers, "lr": cfg.routing_lr, "weight_decay": 0.0, "name": "mta_router"})
+    world, rank = 1, 0
+    if dp:
+        import torch.distributed as dist
 
-    def make_opt():
-        return torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-
-    opt = make_opt()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if batch_size % world:
+            raise UserError(f"--batch-size {batch_size} must be a multiple of the {world} data-parallel ranks")
+        stepper = _DeepSpeed(clf, groups, 1.0, batch_size // world)
+    else:
+        stepper = _Plain(clf, groups, 1.0)
     trainable, total = count_params(clf)
+    if two_stage:  # count what either stage trains
+        trainable = sum(p.numel() for n, p in clf.named_parameters() if p.requires_grad or n.endswith("router_logits"))
+    ent0 = mean_routing_entropy(base) if cfg else None
     gen = torch.Generator().manual_seed(seed)
     t0, losses = time.time(), []
-    for step in progress(range(steps), desc=method):
-        if method == "mta" and step == stage1_steps:
+    for step in progress(range(steps + stage2), desc=spec):
+        if two_stage and step == steps:
             set_mta_stage(base, 2)
-            opt = make_opt()  # fresh state: stage-1 moments belong to parameters now frozen
         idx = torch.randint(len(train.labels), (batch_size,), generator=gen)
+        idx = idx.view(world, -1)[rank]
         ids, lengths, labels, tasks = _batch(train, idx)
-        loss = clf.loss(clf(ids, lengths, tasks), labels, tasks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in clf.parameters() if p.requires_grad], 1.0)
-        opt.step()
+        loss = clf.loss(stepper(ids, lengths, tasks), labels, tasks)
+        stepper.step(loss)
         losses.append(loss.item())
-    acc = evaluate(clf, test, T)
-    tail = max(1, steps // 10)
+    train_s = time.time() - t0
+    ent1 = mean_routing_entropy(base) if cfg else None
+    right = evaluate(clf, test)
+    acc = per_task_acc(right, test.tasks, T)
+    if on_model is not None:
+        on_model(clf, inj)
+    tail = max(1, len(losses) // 10)
+    learned = None
+    if method in ROUTED and ent0 is not None and ent1 is not None:
+        learned = ent1 < ent0 - 1e-3
     return {"method": spec, "per_task_acc": acc, "avg_acc": sum(acc) / T, "adapter_params": adapter_params,
             "trainable_params": trainable, "total_params": total, "first_loss": losses[0] if losses else None,
-            "final_loss": sum(losses[-tail:]) / tail if losses else None, "train_s": time.time() - t0}
+            "final_loss": sum(losses[-tail:]) / tail if losses else None, "train_s": train_s,
+            "adapter_steps": steps, "stage2_steps": stage2, "routing_entropy": [ent0, ent1],
+            "routing_learned": learned, "right": "".join("1" if r else "0" for r in right.tolist())}

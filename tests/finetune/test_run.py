@@ -1,22 +1,14 @@
-"""The fine-tuning loop end to end on a tiny native model and synthetic tasks."""
+"""The fine-tuning loop end to end on a tiny HF model and synthetic tasks; MTA's equal adapter
+steps; the routing-entropy validity check."""
 
 import pytest
 import torch
 
 from megamoe.errors import UserError
 from megamoe.finetune.config import AdapterConfig
-from megamoe.finetune.data import TaskSplit
 from megamoe.finetune.run import finetune_method, parse_method
-from megamoe.model.config import ModelConfig, MoEConfig
-from megamoe.model.gpt import build_model
 
-
-def _split(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 32, (n, 6), generator=g)
-    tasks = torch.arange(n) % 2
-    labels = torch.where(tasks == 0, (ids[:, -1] < 16).long(), ids[:, -1] % 3)  # task 0: 2 classes, task 1: 3
-    return TaskSplit(ids, torch.full((n,), 6), labels, tasks)
+from .common import D, split, tiny_llama
 
 
 def test_parse_method():
@@ -28,16 +20,39 @@ def test_parse_method():
         parse_method("prefix")
 
 
-@pytest.mark.parametrize("method", ["head", "cpoly:private_skills=2", "mta"])
+@pytest.mark.parametrize("method", ["head", "lora", "poly", "cpoly:private_skills=2", "tensorpoly1", "mta"])
 def test_finetune_method_runs_and_learns(method):
-    def build():
-        return build_model(ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
-                                       ffn_hidden_size=32, max_position_embeddings=8), MoEConfig())
-
-    cfg = AdapterConfig(rank=2, num_skills=2, bottleneck=4)
-    r = finetune_method(method, build, 16, [2, 3], _split(64, 0), _split(32, 1), cfg, steps=30, batch_size=16,
+    cfg = AdapterConfig(rank=2, num_skills=2, bottleneck=4, tensor_order=2)
+    r = finetune_method(method, tiny_llama, D, [2, 3], split(64, 0), split(32, 1), cfg, steps=30, batch_size=16,
                         lr=1e-2)
-    assert r["method"] == method and len(r["per_task_acc"]) == 2
+    assert r["method"] == method and len(r["per_task_acc"]) == 2 and len(r["right"]) == 32
     assert all(0.0 <= a <= 1.0 for a in r["per_task_acc"])
     assert (r["adapter_params"] == 0) == (method == "head")
     assert r["final_loss"] < r["first_loss"]
+    if method in ("poly", "cpoly:private_skills=2", "tensorpoly1"):
+        e0, e1 = r["routing_entropy"]
+        assert r["routing_learned"] is True and e1 < e0  # logits at lr 0.1 leave uniform in 30 steps
+
+
+def test_mta_two_stage_has_the_one_stage_adapter_steps():
+    """ALTER's two stages vs one stage at equal adapter steps: stage 1 = the one-stage run's
+    steps; stage 2 (router only) comes on top and leaves the adapters untouched."""
+    cfg = AdapterConfig(bottleneck=4)
+    snaps = {}
+
+    def grab(clf, inj):
+        snaps["final"] = {n: p.detach().clone() for n, p in clf.named_parameters() if ".adapter." in n}
+
+    two = finetune_method("mta", tiny_llama, D, [2, 3], split(64, 0), split(32, 1), cfg, steps=20, batch_size=16,
+                          lr=1e-2, mta_stage2_steps=10, on_model=grab)
+    one = finetune_method("mta_one", tiny_llama, D, [2, 3], split(64, 0), split(32, 1), cfg, steps=20,
+                          batch_size=16, lr=1e-2)
+    assert two["adapter_steps"] == one["adapter_steps"] == 20
+    assert two["stage2_steps"] == 10 and one["stage2_steps"] == 0
+    final = snaps["final"]
+    grab_mid = {}
+    finetune_method("mta", tiny_llama, D, [2, 3], split(64, 0), split(32, 1), cfg, steps=20, batch_size=16,
+                    lr=1e-2, mta_stage2_steps=0, on_model=lambda c, i: grab_mid.update(
+                        {n: p.detach().clone() for n, p in c.named_parameters() if ".adapter." in n}))
+    for n, p in final.items():  # same seed: stage 2 changed only the router
+        assert torch.equal(p, grab_mid[n]) != n.endswith("router_logits"), n

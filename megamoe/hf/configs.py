@@ -7,9 +7,9 @@ architecture computes exactly what megamoe computes:
 - ``llama``: no MoE blocks, SwiGLU, RMSNorm, RoPE (biases allowed: Llama has attention_bias
   and mlp_bias).
 - ``mixtral``: every block an MoE block with the learned router, FFN SwiGLU experts, RMSNorm,
-  RoPE, no biases, ``top_k >= 2`` with ``normalize_top_k``. Mixtral always renormalises the
-  top-k weights, so a top-1 (Switch) model, whose combine weight is the raw router
-  probability p, is NOT Mixtral (Mixtral would use 1.0) and goes to ``megamoe``. Mixtral is
+  RoPE, no biases, ``top_k >= 2`` with ``router.combine`` renormalize or straight_through
+  (same value). Mixtral always renormalises the top-k weights, so a top-1 (Switch) model goes
+  to ``megamoe`` (its ``top1_weight`` says whether the weight is p or 1). Mixtral is
   dropless: a native eval capacity that drops tokens is the one documented difference.
 - ``megamoe``: everything else (hash layers, MPO experts, GELU, LayerNorm, learned positions,
   mixed dense/MoE patterns, top-1).
@@ -64,8 +64,8 @@ def target_gaps(target: str, m: ModelConfig, moe: MoEConfig) -> list[str]:
     if moe_layers and moe.router.top_k == 1:
         gaps.append("moe.router.top_k=1: Switch scales the expert output by its router probability, "
                     "Mixtral always renormalises the top-k weights (weight 1.0 for k=1)")
-    elif moe_layers and not moe.router.normalize_top_k:
-        gaps.append("moe.router.normalize_top_k=false (Mixtral always renormalises the top-k weights)")
+    elif moe_layers and moe.router.combine == "prob":
+        gaps.append("moe.router.combine=prob (Mixtral always renormalises the top-k weights)")
     return gaps
 
 
@@ -148,7 +148,8 @@ def megamoe_config(m: ModelConfig, moe: MoEConfig, sd: dict[str, torch.Tensor], 
         position_embedding=m.position_embedding, rope_theta=m.rope_theta,
         max_position_embeddings=m.max_position_embeddings, bias=m.bias, tie_word_embeddings=m.tie_embeddings,
         initializer_range=m.init_std, mlp_types=types, num_experts=moe.num_experts, num_experts_per_tok=r.top_k,
-        normalize_top_k=r.normalize_top_k, top1_weight="prob", learned_expert_type=moe.expert_type,
+        normalize_top_k=r.combine != "prob", top1_weight="prob" if r.combine == "prob" else "one",
+        learned_expert_type=moe.expert_type,
         hash_variant=h.variant, num_hashes=h.num_hashes, bigram_prime=h.bigram_prime,
         hash_start_id=PREV_TOKEN_AT_START, hash_expert_type=h.expert_type, hash_table_shape=table_shape,
         mpo_num_tensors=n, mpo_central_index=central_index(n), mpo_shapes=mpo_shapes, **_special(tok_ids))
@@ -202,7 +203,8 @@ def from_hf_config(cfg: dict, source: str) -> tuple[str, ModelConfig, MoEConfig]
         init_std=_get(cfg, "initializer_range", 0.02))
     if arch == "llama":
         return arch, model, MoEConfig()
-    router = RouterConfig(top_k=cfg["num_experts_per_tok"], normalize_top_k=True, eval_capacity_factor=0.0,
+    k = cfg["num_experts_per_tok"]  # Mixtral renormalises the top-k (weight 1 at k = 1)
+    router = RouterConfig(top_k=k, combine="renormalize" if k > 1 else "straight_through", eval_capacity_factor=0.0,
                           aux_loss_coef=_get(cfg, "router_aux_loss_coef", 0.01),
                           jitter_eps=_get(cfg, "router_jitter_noise", 0.0))
     moe = MoEConfig(num_experts=cfg["num_local_experts"], every=1, expert_ffn_hidden_size=cfg["intermediate_size"],

@@ -68,13 +68,29 @@ class RouterConfig:
     capacity_factor: float = 1.25  # <= 0 means dropless
     eval_capacity_factor: float = 2.0  # <= 0 means dropless
     drop_policy: Literal["position", "probability"] = "probability"
-    normalize_top_k: bool = True  # renormalise combine weights over the k chosen (k > 1)
+    # Combine weight of each chosen expert (p_k: router probability, S: sum of the K chosen p):
+    #   prob              p_k                  (Switch paper; ~1/E at init, so an upcycled layer
+    #                                           outputs ~FFN/E)
+    #   renormalize       p_k / S              (Mixtral; needs top_k >= 2: at k=1 it is the
+    #                                           constant 1 and the router gets no gradient)
+    #   straight_through  p_k / S.detach()     (value of renormalize, gradient of prob / S; at k=1
+    #                                           p / p.detach() = 1, as RUCAIBox/MPO SwitchFFN)
+    # Default straight_through: weights sum to 1 at any k, so an upcycled layer of identical
+    # experts equals the dense FFN, while the router still learns through the combine.
+    combine: Literal["prob", "renormalize", "straight_through"] = "straight_through"
+    # Router logits, softmax/top-k, combine weights and aux/z losses: fp32 whatever the model
+    # dtype (bf16 rounding of logits flips top-k choices); "model" computes them in the input's
+    # dtype (an ablation, not for training).
+    dtype: Literal["fp32", "model"] = "fp32"
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     jitter_eps: float = 0.0  # multiplicative U(1-eps, 1+eps) noise on router input in training
 
     def __post_init__(self):
         check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        check(not (self.combine == "renormalize" and self.top_k == 1), "combine", self.combine,
+              "at top_k=1 renormalising gives the constant weight 1 and no router gradient; use "
+              "straight_through (value 1 with gradient) or prob")
         check(self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "z_loss_coef", self.z_loss_coef, "must be >= 0")
         check(0 <= self.jitter_eps < 1, "jitter_eps", self.jitter_eps, "must be in [0, 1)")

@@ -6,7 +6,11 @@ Every router (learned or hash) returns a :class:`RouterOutput`; the dispatcher o
 ``expert_ids_TK``, ``weights_TK`` and ``keep_TK`` and never knows who routed.
 
 Choices (methods.md section 1):
-- Router math runs in fp32 whatever the model dtype (logits are sensitive to rounding).
+- Router math (logits, softmax, top-k, combine weights, aux/z losses) runs in fp32 whatever
+  the model dtype (``router.dtype="fp32"``, the default): bf16 keeps 8 bits of mantissa, so
+  near-tied logits swap their top-k order and the z-loss's logsumexp^2 loses its small terms.
+  Under DeepSpeed bf16 the weight itself is stored in bf16 (the fp32 master is the optimizer's);
+  it is upcast before the matmul. ``router.dtype="model"`` is the ablation in the input dtype.
 - Capacity ``C = ceil(capacity_factor * T * K / E)`` over the tokens *this rank* routes (as
   GShard / DeepSpeed-MoE do): under data parallelism each rank drops independently, so a
   DP/EP run equals the single-process layer applied to each rank's micro-batch.
@@ -17,8 +21,10 @@ Choices (methods.md section 1):
 - Load-balancing loss ``E * sum_e f_e * P_e`` (f_e: fraction of tokens whose FIRST choice is e,
   P_e: mean router probability of e); z-loss ``mean(logsumexp(logits)^2)``. Both are returned
   unscaled; the layer reports the coefficients beside them.
-- Combine weights are the router probabilities of the chosen experts, renormalised over the K
-  chosen when ``normalize_top_k`` and K > 1.
+- Combine weights (``router.combine``, see RouterConfig): ``prob`` p_k; ``renormalize``
+  p_k / S over the K chosen; ``straight_through`` p_k / S.detach() (default): the value of
+  renormalize (1 at K = 1, RUCAIBox/MPO ``compress_tools/modeling_t5_utils.py`` SwitchFFN's
+  ``p / p.detach()``) with the gradient of prob scaled by 1/S.
 """
 
 from __future__ import annotations
@@ -98,19 +104,22 @@ class LearnedRouter(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
 
     def gating(self, x_TD: torch.Tensor) -> torch.Tensor:
-        x_TD = x_TD.float()
+        if self.cfg.dtype == "fp32":
+            x_TD = x_TD.float()
         if self.training and self.cfg.jitter_eps > 0:
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x_TD, self.weight.float())
+        return F.linear(x_TD, self.weight.to(x_TD.dtype))
 
     def routing(self, logits_TE: torch.Tensor) -> RouterOutput:
         cfg, E = self.cfg, self.num_experts
         probs_TE = torch.softmax(logits_TE, dim=-1)
         top_probs_TK, expert_ids_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
         weights_TK = top_probs_TK
-        if cfg.normalize_top_k and cfg.top_k > 1:
+        if cfg.combine == "renormalize":
             weights_TK = top_probs_TK / top_probs_TK.sum(-1, keepdim=True)
+        elif cfg.combine == "straight_through":
+            weights_TK = top_probs_TK / top_probs_TK.sum(-1, keepdim=True).detach()
         T, K = expert_ids_TK.shape
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         if cfg.drop_policy == "position":  # all first choices (in token order), then second...
@@ -118,9 +127,9 @@ class LearnedRouter(nn.Module):
         else:
             priority_TK = -top_probs_TK.detach()
         keep_TK = capacity_keep_mask(expert_ids_TK, priority_TK, E, capacity(T, K, E, factor))
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, keep_TK=keep_TK,
-                            lb_loss=load_balancing_loss(probs_TE, expert_ids_TK[:, 0]),
-                            z_loss=z_loss(logits_TE), probs_TE=probs_TE)
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK.float(), keep_TK=keep_TK,
+                            lb_loss=load_balancing_loss(probs_TE, expert_ids_TK[:, 0]).float(),
+                            z_loss=z_loss(logits_TE).float(), probs_TE=probs_TE)
 
     def forward(self, x_TD: torch.Tensor, routing=None) -> RouterOutput:
         return self.routing(self.gating(x_TD))

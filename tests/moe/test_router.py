@@ -83,3 +83,80 @@ def test_eval_capacity_and_jitter():
     torch.testing.assert_close(out1.z_loss, out2.z_loss)  # no jitter in eval
     r.train()
     assert not torch.equal(r.gating(x), r.gating(x))  # jitter in training
+
+
+# ---- combine rules ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_combine_rules_values_and_gradients(k):
+    x = torch.randn(16, 8)
+    outs = {}
+    for rule in ("prob", "renormalize", "straight_through"):
+        if rule == "renormalize" and k == 1:
+            continue
+        r = _router(top_k=k, capacity_factor=0, combine=rule)
+        out = r(x)
+        out.weights_TK.sum().backward()
+        outs[rule] = (out, r.weight.grad.clone())
+    probs = torch.softmax(x @ _router().weight.detach().t(), -1)  # _router() reseeds: same weights
+    top = probs.topk(k, -1).values
+    s = top.sum(-1, keepdim=True)
+    torch.testing.assert_close(outs["prob"][0].weights_TK, top)
+    torch.testing.assert_close(outs["straight_through"][0].weights_TK, top / s)  # sums to 1 at any k
+    if k == 1:
+        assert torch.equal(outs["straight_through"][0].weights_TK, torch.ones(16, 1))  # p / p.detach()
+    else:
+        torch.testing.assert_close(outs["renormalize"][0].weights_TK, top / s)
+    # straight_through's gradient is prob's with each token's term scaled by 1/S (S detached)
+    r = _router(top_k=k, capacity_factor=0, combine="prob")
+    out = r(x)
+    (out.weights_TK / out.weights_TK.sum(-1, keepdim=True).detach()).sum().backward()
+    torch.testing.assert_close(outs["straight_through"][1], r.weight.grad)
+    assert outs["straight_through"][1].abs().max() > 0  # the router learns through the combine
+
+
+def test_renormalize_at_top1_is_refused():
+    from megamoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="straight_through"):
+        RouterConfig(top_k=1, combine="renormalize")
+
+
+# ---- precision: fp32 routing under bf16 ------------------------------------------------------
+
+def test_router_math_is_fp32_under_bf16():
+    """A bf16 model (weights and activations bf16, as DeepSpeed bf16 leaves them) routes in fp32:
+    logits, probabilities, combine weights and both losses are fp32 and equal to the fp32 math on
+    the upcast inputs; ``dtype=model`` (the ablation) computes them in bf16 and differs."""
+    x = torch.randn(256, 8).bfloat16()
+    r = LearnedRouter(8, 4, RouterConfig(top_k=2, capacity_factor=0), init_std=0.5).bfloat16().train()
+    out = r(x)
+    for t in (out.probs_TE, out.weights_TK, out.lb_loss, out.z_loss):
+        assert t.dtype == torch.float32
+    logits = x.float() @ r.weight.float().t()
+    assert torch.equal(r.gating(x), logits)
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(out.probs_TE, probs, atol=0, rtol=0)
+    torch.testing.assert_close(out.z_loss, (torch.logsumexp(logits, -1) ** 2).mean(), atol=0, rtol=0)
+    assert torch.equal(out.expert_ids_TK, probs.topk(2, -1).indices)
+    low = LearnedRouter(8, 4, RouterConfig(top_k=2, capacity_factor=0, dtype="model"), init_std=0.5).bfloat16()
+    low.load_state_dict(r.state_dict())
+    out_low = low.train()(x)
+    assert out_low.probs_TE.dtype == torch.bfloat16 and out_low.lb_loss.dtype == torch.float32
+    err = (out_low.probs_TE.float() - probs).abs().max().item()
+    print(f"bf16 router math: max |prob error| {err:.1e}")
+    assert err > 1e-4
+
+
+def test_moe_layer_routes_in_fp32_under_bf16():
+    from megamoe.model.config import MoEConfig
+    from megamoe.moe.layer import MoELayer
+    from tests.moe.helpers import D, E, model_cfg
+
+    torch.manual_seed(0)
+    layer = MoELayer(model_cfg(), MoEConfig(num_experts=E, every=1, router=RouterConfig(top_k=2)), 0).bfloat16()
+    x = torch.randn(2, 12, D).bfloat16()
+    y, st = layer(x)
+    r = layer.route(x.reshape(-1, D), None)
+    assert y.dtype == torch.bfloat16 and r.probs_TE.dtype == torch.float32
+    assert st.lb_loss.dtype == torch.float32 and st.z_loss.dtype == torch.float32

@@ -1,27 +1,47 @@
-"""FFN experts (SwiGLU or GELU), one set of separate parameters per expert.
+"""FFN experts (SwiGLU or GELU) held as stacked parameters and run as one grouped GEMM.
 
-Legend: R rows grouped by local slot, D width, F expert FFN width, L local slots.
+Legend: R rows grouped by slot, D width, F expert FFN width (Fl = this TP rank's share),
+L local experts, n MultiHash blocks (1 otherwise), S = L * n local slots, K/N the inner and
+outer dims of a grouped matmul.
 
-Why separate parameters (platform.md, MoE anchors): indexing one big 3-D ``[E, F, D]``
-parameter per expert makes autograd materialise a full-size gradient per expert (21x a
-dense FFN at E=64 on CPU). With one ``nn.Linear`` weight per expert, each expert's matmul
-produces only its own gradient. (A grouped GEMM would be the other fix; torch has no
-CPU grouped GEMM, so the per-expert loop it is — measured in tools/bench_moe.py.)
+Layout: three parameters ``gate_proj`` (SwiGLU only), ``up_proj``, ``down_proj``, each
+``[L, Fl, D]``. gate/up are ``[out, in]`` per expert like ``nn.Linear``; down is stored as
+``[in, out]`` (the transpose of its canonical ``[D, F]``) so that all three are sharded along
+dim 1 and each (expert, block) slot is the contiguous row range of a ``view(S, Fl / n, D)``:
+slot ``s = e * n + m`` is block m of local expert e, the dispatcher's slot order. The
+canonical per-expert names (``{e}.gate_proj.weight`` ``[F, D]``, ``{e}.down_proj.weight``
+``[D, F]``, ...) exist only in :meth:`FFNExperts.gather_full` / :meth:`FFNExperts.load_full`.
+
+Compute (:func:`grouped_mm`), ``backend`` picks the kernel:
+- ``grouped_mm``: ``torch._grouped_mm`` with int32 offsets = cumsum of per-slot counts, as
+  torchtitan, Megatron-Core's GroupedMLP and transformers 5 do on CUDA (no host sync).
+- ``loop``: :class:`LoopGroupedMM`, one matmul per slot on views of the stacked weight, and in
+  backward each slot's weight gradient written into its slice of ONE buffer of the weight's
+  size (an empty slot's slice is zeroed). Indexing a stacked parameter per expert in plain
+  autograd would instead materialise a full-size zero-padded gradient per expert (21x a dense
+  FFN at E=64, platform.md). On these CPUs this loop beats torch 2.13's CPU ``_grouped_mm``
+  (measured side by side in tools/bench_moe.py).
+- ``auto`` (default): ``grouped_mm`` on CUDA, ``loop`` elsewhere.
+Both backends run every slot, empty or not, in one op per projection, so every rank produces
+every expert gradient at the same point of backward, which ZeRO's ordered bucket reduction
+needs (tests/moe/test_static_graph.py).
 
 Parallelism:
-- EP: this module holds only the experts of this EP rank, keyed by their GLOBAL index
-  (``experts.{e}.gate_proj.weight``), so an unsharded state_dict has canonical names.
-- TP: the FFN width F is sharded over the TP group (gate/up rows, down columns, like
-  megatron's Column/RowParallelLinear): the input enters through megatron-core's
+- EP: this module holds only the experts of this EP rank (global ids ``expert_ids``).
+- TP: F is sharded over the TP group (gate/up rows, down columns, like megatron's
+  Column/RowParallelLinear): the input enters through megatron-core's
   ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce of the input
   gradient) and the partial outputs leave through ``reduce_from_tensor_model_parallel_region``.
-  For MultiHash (``num_blocks`` n > 1) each of the n row blocks is sharded over TP
-  separately, so block m stays a block of the canonical weight.
-- MultiHash slices each expert's weights into n blocks; autograd then builds a full-size
-  zero-padded gradient per block used (n per expert), a cost accepted for n small.
-- Every expert param carries DeepSpeed's MoE markers (``allreduce = False``,
+  For MultiHash each of the n row blocks is sharded over TP separately (:func:`tp_rows`), so
+  a rank's block m is a block of the canonical weight.
+- Every stacked param carries DeepSpeed's MoE markers (``allreduce = False``,
   ``group_name = "ep_size_{ep}"``) so ZeRO reduces it only over the expert-data-parallel
-  group, plus megatron's TP attributes.
+  group, plus megatron's TP attributes (``partition_dim = 1``).
+
+Init: every rank draws every expert's FULL canonical weights in a fixed order and keeps its
+experts and slices, so a seed gives the same model whatever the EP/TP layout. down_proj uses
+``output_std`` (the decoder passes std / sqrt(2 * num_layers), like the dense blocks' output
+projections in megamoe/model/layers.py ``output_init``).
 """
 
 from __future__ import annotations
@@ -31,9 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe import comm
+from megamoe.errors import UserError
 
 PROJS_SWIGLU = ("gate_proj", "up_proj", "down_proj")
 PROJS_GELU = ("up_proj", "down_proj")
+BACKENDS = ("auto", "loop", "grouped_mm")
 
 
 def mark_expert_param(p: torch.Tensor, ep_size: int) -> None:
@@ -60,22 +82,95 @@ def _gather(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
     return comm.all_gather(t, group)
 
 
-class ExpertFFN(nn.Module):
-    """Weights are left uninitialised (skip_init: no RNG draw); FFNExperts fills them."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise UserError(f"experts backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "grouped_mm" if device.type == "cuda" else "loop"
+    return backend
 
-    def __init__(self, hidden: int, ffn_local: int, swiglu: bool, dtype=None):
-        super().__init__()
-        lin = lambda i, o: nn.utils.skip_init(nn.Linear, i, o, bias=False, dtype=dtype)  # noqa: E731
-        if swiglu:
-            self.gate_proj = lin(hidden, ffn_local)
-        self.up_proj = lin(hidden, ffn_local)
-        self.down_proj = lin(ffn_local, hidden)
+
+class LoopGroupedMM(torch.autograd.Function):
+    """``y[rows of s] = x[rows of s] @ w_SKN[s]`` for every slot s; see the module docstring.
+
+    ``w_SKN`` may be a strided view (e.g. a transposed ``[S, N, K]`` stack): the weight
+    gradient buffer is ``empty_like(w_SKN)`` (same strides), so it flows back through the
+    view ops to the parameter without a copy."""
+
+    @staticmethod
+    def forward(ctx, x_RK: torch.Tensor, w_SKN: torch.Tensor, splits: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x_RK, w_SKN)
+        ctx.splits = splits
+        y_RN = x_RK.new_empty(x_RK.shape[0], w_SKN.shape[2])
+        start = 0
+        for s, n in enumerate(splits):
+            if n:
+                torch.mm(x_RK[start:start + n], w_SKN[s], out=y_RN[start:start + n])
+            start += n
+        return y_RN
+
+    @staticmethod
+    def backward(ctx, dy_RN: torch.Tensor):
+        x_RK, w_SKN = ctx.saved_tensors
+        dx_RK = torch.empty_like(x_RK) if ctx.needs_input_grad[0] else None
+        dw_SKN = torch.empty_like(w_SKN) if ctx.needs_input_grad[1] else None
+        start = 0
+        for s, n in enumerate(ctx.splits):
+            rows = slice(start, start + n)
+            if dx_RK is not None and n:
+                torch.mm(dy_RN[rows], w_SKN[s].t(), out=dx_RK[rows])
+            if dw_SKN is not None:
+                if n:
+                    torch.mm(x_RK[rows].t(), dy_RN[rows], out=dw_SKN[s])
+                else:
+                    dw_SKN[s].zero_()
+            start += n
+        return dx_RK, dw_SKN, None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: torch's
+    ``_grouped_mm`` backward raises "Invalid strides" on an expanded gradient (``y.sum()``)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.new_empty(g.shape) if g.numel() == 0 else g.contiguous()  # 0 rows: strides (0, 0)
+
+
+def grouped_mm(x_RK: torch.Tensor, w_SKN: torch.Tensor, counts_S: torch.Tensor | list[int],
+               backend: str) -> torch.Tensor:
+    """One matmul per slot over rows grouped by slot. ``counts_S``: a tensor for
+    ``grouped_mm`` (offsets stay on device), a list of ints for ``loop``."""
+    if backend == "grouped_mm":
+        offs = counts_S.to(device=x_RK.device).cumsum(0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x_RK.to(w_SKN.dtype), w_SKN, offs=offs))
+    return LoopGroupedMM.apply(x_RK.to(w_SKN.dtype), w_SKN, counts_S)
+
+
+def expert_ffn(x_RD: torch.Tensor, counts_S: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
+               w_down: torch.Tensor, num_blocks: int, backend: str) -> torch.Tensor:
+    """The FFN of every slot on stacked ``[L, F', D]`` weights (module docstring layout)."""
+    backend = resolve_backend(backend, x_RD.device)
+    counts = counts_S if backend == "grouped_mm" else counts_S.tolist()
+    S, D = w_up.shape[0] * num_blocks, w_up.shape[2]
+
+    def slots(w):  # [L, F', D] -> [S, F' / n, D], a view
+        return w.view(S, -1, D)
+
+    h_up = grouped_mm(x_RD, slots(w_up).transpose(1, 2), counts, backend)
+    h_gate = grouped_mm(x_RD, slots(w_gate).transpose(1, 2), counts, backend) if w_gate is not None else None
+    return grouped_mm(activate(h_gate, h_up), slots(w_down), counts, backend)
 
 
 class FFNExperts(nn.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, activation: str = "swiglu", *,
                  num_blocks: int = 1, ep_size: int = 1, ep_rank: int = 0, tp_size: int = 1, tp_rank: int = 0,
-                 tp_group=None, ep_group=None, init_std: float = 0.02, dtype=None):
+                 tp_group=None, ep_group=None, init_std: float = 0.02, output_std: float | None = None,
+                 dtype=None, backend: str = "auto"):
         super().__init__()
         assert num_experts % ep_size == 0 and ffn % (num_blocks * tp_size) == 0
         self.hidden, self.ffn, self.num_experts, self.num_blocks = hidden, ffn, num_experts, num_blocks
@@ -83,27 +178,28 @@ class FFNExperts(nn.Module):
         self.projs = PROJS_SWIGLU if self.swiglu else PROJS_GELU
         self.ep_size, self.ep_rank, self.ep_group = ep_size, ep_rank, ep_group
         self.tp_size, self.tp_rank, self.tp_group = tp_size, tp_rank, tp_group
+        resolve_backend(backend, torch.device("cpu"))
+        self.backend = backend
         n_local = num_experts // ep_size
         self.expert_ids = list(range(ep_rank * n_local, (ep_rank + 1) * n_local))
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         rows = tp_rows(ffn, num_blocks, tp_size, tp_rank)
+        for proj in self.projs:
+            p = nn.Parameter(torch.empty(n_local, ffn // tp_size, hidden, dtype=dtype))
+            mark_expert_param(p, ep_size)
+            set_tensor_model_parallel_attributes(p, True, 1, 1)
+            self.register_parameter(proj, p)
+        stds = {proj: init_std for proj in self.projs}
+        stds["down_proj"] = init_std if output_std is None else output_std
         for e in range(num_experts):
-            # Draw every expert's FULL weights on every rank and keep this rank's experts/slices,
-            # so the same seed gives the same model whatever the EP/TP layout (as megatron's CPU init).
-            full = {proj: torch.empty((hidden, ffn) if proj == "down_proj" else (ffn, hidden), dtype=dtype).normal_(std=init_std)
+            # Every expert's FULL canonical weights on every rank, in a fixed order (module docstring).
+            full = {proj: torch.empty(self._canonical_shape(proj), dtype=dtype).normal_(std=stds[proj])
                     for proj in self.projs}
-            if e not in self.expert_ids:
-                continue
-            mod = ExpertFFN(hidden, ffn // tp_size, self.swiglu, dtype)
-            for name, p in mod.named_parameters():
-                proj, dim = name.split(".")[0], 1 if name.startswith("down") else 0
+            if e in self.expert_ids:
                 with torch.no_grad():
-                    p.copy_(full[proj].index_select(dim, rows))
-                mark_expert_param(p, ep_size)
-                set_tensor_model_parallel_attributes(p, True, dim, 1)
-            self.add_module(str(e), mod)
-        self.local = [getattr(self, str(e)) for e in self.expert_ids]
+                    for proj in self.projs:
+                        getattr(self, proj)[e - self.expert_ids[0]].copy_(self._to_local(proj, full[proj], rows))
         if tp_size > 1:
             from megatron.core.tensor_parallel import mappings
 
@@ -112,48 +208,44 @@ class FFNExperts(nn.Module):
         else:
             self._enter = self._leave = lambda t: t
 
-    def _slot_forward(self, x_rD: torch.Tensor, mod: ExpertFFN, block: int) -> torch.Tensor:
-        wu, wd = mod.up_proj.weight, mod.down_proj.weight
-        wg = mod.gate_proj.weight if self.swiglu else None
-        if self.num_blocks > 1:  # MultiHash: block m of the (local) F rows
-            b = wu.shape[0] // self.num_blocks
-            sl = slice(block * b, (block + 1) * b)
-            wu, wd = wu[sl], wd[:, sl]
-            wg = wg[sl] if wg is not None else None
-        h = activate(F.linear(x_rD, wg) if wg is not None else None, F.linear(x_rD, wu))
-        return F.linear(h, wd)
+    def _canonical_shape(self, proj: str) -> tuple[int, int]:
+        return (self.hidden, self.ffn) if proj == "down_proj" else (self.ffn, self.hidden)
+
+    @staticmethod
+    def _to_local(proj: str, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Canonical ``[out, in]`` -> this rank's ``[Fl, D]`` rows."""
+        return w.t().index_select(0, rows) if proj == "down_proj" else w.index_select(0, rows)
 
     def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        x_RD = self._enter(x_RD)
-        # Empty slots run too (0-row matmuls): every rank must produce every gradient at the
-        # same point of backward for ZeRO's ordered bucket reduction (see MPOExperts.forward).
-        outs = [self._slot_forward(x_rD, self.local[slot // self.num_blocks], slot % self.num_blocks)
-                for slot, x_rD in enumerate(torch.split(x_RD, counts_L.tolist()))]
-        return self._leave(torch.cat(outs))
+        ws = [getattr(self, p) if p in self.projs else None for p in PROJS_SWIGLU]
+        return self._leave(expert_ffn(self._enter(x_RD), counts_L, *ws, self.num_blocks, self.backend))
 
     # ---- full (unsharded) state dict, canonical names ----
+    def full_keys(self, prefix: str) -> list[str]:
+        return [f"{prefix}{e}.{proj}.weight" for e in range(self.num_experts) for proj in self.projs]
+
     def gather_full(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {}
         rows = [tp_rows(self.ffn, self.num_blocks, self.tp_size, r) for r in range(self.tp_size)]
+        n_local = len(self.expert_ids)
         for proj in self.projs:
-            dim = 1 if proj == "down_proj" else 0
-            local = torch.stack([getattr(m, proj).weight.detach() for m in self.local])  # [L, ...]
-            shards = _gather(local, self.tp_group, self.tp_size)
-            shape = list(local.shape)
-            shape[1 + dim] = self.ffn
-            full = local.new_empty(shape)
-            for r, s in enumerate(shards):
-                full.index_copy_(1 + dim, rows[r], s)
+            local = getattr(self, proj).detach()  # [L, Fl, D]
+            full = local.new_empty(n_local, self.ffn, self.hidden)
+            for r, shard in enumerate(_gather(local, self.tp_group, self.tp_size)):
+                full.index_copy_(1, rows[r], shard)
             for r, block in enumerate(_gather(full, self.ep_group, self.ep_size)):
                 for i, w in enumerate(block):
-                    out[f"{prefix}{r * len(self.local) + i}.{proj}.weight"] = w.clone()
+                    out[f"{prefix}{r * n_local + i}.{proj}.weight"] = (w.t() if proj == "down_proj" else w).contiguous()
         return out
 
     def load_full(self, sd: dict[str, torch.Tensor], prefix: str) -> None:
         rows = tp_rows(self.ffn, self.num_blocks, self.tp_size, self.tp_rank)
         with torch.no_grad():
-            for e, mod in zip(self.expert_ids, self.local):
-                for proj in self.projs:
-                    w = sd[f"{prefix}{e}.{proj}.weight"]
-                    w = w.index_select(1 if proj == "down_proj" else 0, rows)
-                    getattr(mod, proj).weight.copy_(w)
+            for proj in self.projs:
+                param = getattr(self, proj)
+                for i, e in enumerate(self.expert_ids):
+                    key = f"{prefix}{e}.{proj}.weight"
+                    if tuple(sd[key].shape) != self._canonical_shape(proj):
+                        raise UserError(f"{key}: checkpoint shape {tuple(sd[key].shape)}, the model expects "
+                                        f"{self._canonical_shape(proj)} (is the config the one it was saved with?)")
+                    param[i].copy_(self._to_local(proj, sd[key], rows))

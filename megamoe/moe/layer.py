@@ -21,6 +21,7 @@ EP and TP shards; every rank gets / gives the full dict.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +72,10 @@ class MoELayer(nn.Module):
         else:
             self.router = LearnedRouter(D, E, rc, model_cfg.init_std)
         expert_type = moe_cfg.hash.expert_type if self.is_hash else moe_cfg.expert_type
+        # down_proj depth-scaled like the dense blocks' output projections (layers.output_init)
         common = dict(num_blocks=self.num_blocks, ep_size=ep, ep_rank=ep_rank, ep_group=ep_group,
-                      init_std=model_cfg.init_std)
+                      init_std=model_cfg.init_std,
+                      output_std=model_cfg.init_std / math.sqrt(2.0 * model_cfg.num_layers))
         if expert_type == "mpo":
             m = moe_cfg.mpo
             self.experts = MPOExperts(D, F, E, model_cfg.activation, num_tensors=m.num_tensors,
@@ -117,6 +120,9 @@ class MoELayer(nn.Module):
         out = {f"{prefix}router.{k}": v.detach().clone() for k, v in self.router.state_dict().items()}
         out.update(self.experts.gather_full(f"{prefix}experts."))
         return out
+
+    def full_keys(self, prefix: str = "") -> list[str]:
+        return [f"{prefix}router.{k}" for k in self.router.state_dict()] + self.experts.full_keys(f"{prefix}experts.")
 
     def load_full(self, sd: dict[str, torch.Tensor], prefix: str = "") -> None:
         router = {k[len(prefix) + 7:]: v for k, v in sd.items() if k.startswith(f"{prefix}router.")}

@@ -12,16 +12,22 @@ index; E experts. Written by hand: no dependency provides MPO layers.
   N(0, std^2) init: every entry of every A_k ~ N(0, s^2) with s^{2n} * prod(r_1..r_{n-1}) = std^2
   (each W entry is a sum of prod(r) products of n independent factors).
 - :class:`MPOExperts`: per projection, ONE central parameter ``experts.{proj}.central`` shared
-  by all experts of the layer, and per expert the auxiliary tensors
-  ``experts.{e}.{proj}.aux{k}`` (k = the tensor's position in the chain; the central position
-  is skipped, e.g. aux0, aux1, aux3, aux4 for n=5).
+  by all experts of the layer, and the auxiliary tensors stacked over local experts
+  ``experts.{proj}.aux{k}`` ``[L, r, i, j, r']`` (k = the tensor's position in the chain; the
+  central position is skipped, e.g. aux0, aux1, aux3, aux4 for n=5). Canonical (checkpoint,
+  HF) names stay per expert: ``experts.{e}.{proj}.aux{k}``.
 
-Compute: each forward builds every local expert's dense W once (batched over experts: the
-small auxiliary chains left and right of C are contracted first, then C is contracted with
-the cheaper side for all experts in one matmul, then the other side by bmm), and ``unbind``s
-it so each expert's matmul produces only its own gradient. Contracting the tokens through
-the chain instead costs more per token than the dense matmul at these bond dims (measured
-in tools/bench_moe.py notes), so it is not used.
+Compute: each forward contracts every local expert's chain ONCE into the FFN experts'
+stacked layout ``[L, F, D]`` (:func:`build_weights`, batched over experts, in fp32), then runs
+the same grouped path as FFN experts (:func:`megamoe.moe.experts.expert_ffn`: one weight
+gradient buffer per projection, ``torch._grouped_mm`` on CUDA). The contraction tree is the
+one with the fewest multiply-adds (:func:`contraction_order`, matrix-chain dynamic
+programming; tools/bench_moe.py times every tree and prints the measured best beside it).
+Any exact tree costs at least ~E * I * J * r_mid (r_mid the bond at the central tensor) per
+projection, i.e. about ``r_mid / (tokens per expert)`` of the expert FFN's own FLOPs: cheap
+at hundreds of tokens per expert, as much as the FFN itself at 64 tokens and bond 64.
+Contracting the tokens through the chain instead costs more per token than the dense matmul
+at these bond dims, so it is not used.
 
 Parallelism traps:
 - EP: the central tensor is NOT an expert parameter: it is replicated on every rank and its
@@ -38,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from megamoe.moe.experts import PROJS_GELU, PROJS_SWIGLU, _gather, activate, mark_expert_param
+from megamoe.moe.experts import PROJS_GELU, PROJS_SWIGLU, _gather, expert_ffn, mark_expert_param, resolve_backend
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -125,49 +131,103 @@ def init_tensors(out_shape, in_shape, max_bond=0, std=0.02, generator=None) -> l
     return [torch.randn(sh, generator=generator) * s for sh in shapes]
 
 
-def _left_chain(tensors_E: list[torch.Tensor]) -> torch.Tensor:
-    """[E, r0, i, j, r] list -> [E, IL*JL... ] as [E, IL, JL, r]."""
-    t = tensors_E[0][:, 0]  # [E, i, j, r]
-    for a in tensors_E[1:]:
-        t = torch.einsum("eIJr,erijs->eIiJjs", t, a)
-        t = t.reshape(t.shape[0], t.shape[1] * t.shape[2], t.shape[3] * t.shape[4], t.shape[5])
-    return t
+# ---- contracting every expert's chain into the stacked layout ----
+# A contraction order is a binary tree over chain positions: a leaf is an int k, a node a pair
+# (left, right) of adjacent segments. A segment k..l is held as [E, r_k, X, r_{l+1}] (X the
+# (i, j) pairs of its tensors, interleaved i_k j_k i_{k+1} ...), so merging two segments is
+# ONE (batched) matmul over the shared bond with no permute; a single permute at the end puts
+# W in the target layout. The central tensor alone has no expert dim.
 
 
-def _right_chain(tensors_E: list[torch.Tensor]) -> torch.Tensor:
-    """-> [E, r, IR, JR]."""
-    t = tensors_E[-1][..., 0]  # [E, r, i, j]
-    for a in reversed(tensors_E[:-1]):
-        t = torch.einsum("esijr,erIJ->esiIjJ", a, t)
-        t = t.reshape(t.shape[0], t.shape[1], t.shape[2] * t.shape[3], t.shape[4] * t.shape[5])
-    return t
+def _seg_cost(shapes, k: int, m: int, l: int, c: int, E: int) -> int:
+    """Multiply-adds of merging segments k..m and m+1..l (E-fold unless only central has no E)."""
+    x1 = math.prod(s[1] * s[2] for s in shapes[k:m + 1])
+    x2 = math.prod(s[1] * s[2] for s in shapes[m + 1:l + 1])
+    return E * shapes[k][0] * x1 * shapes[m][3] * x2 * shapes[l][3]
 
 
-def build_weights(central: torch.Tensor, aux_left: list[torch.Tensor], aux_right: list[torch.Tensor]) -> torch.Tensor:
-    """W [E, I, J] for all experts: aux_left/right are per-position stacks [E, r, i, j, r']."""
-    a, ic, jc, b = central.shape
-    E = (aux_left or aux_right)[0].shape[0]
-    L = _left_chain(aux_left) if aux_left else central.new_ones(E, 1, 1, 1)  # [E, IL, JL, a]
-    R = _right_chain(aux_right) if aux_right else central.new_ones(E, 1, 1, 1)  # [E, b, IR, JR]
-    _, IL, JL, _ = L.shape
-    _, _, IR, JR = R.shape
-    cost_cr = a * ic * jc * b * E * IR * JR + E * IL * JL * a * ic * jc * IR * JR
-    cost_lc = E * IL * JL * a * ic * jc * b + E * IL * JL * ic * jc * b * IR * JR
-    if cost_cr <= cost_lc:
-        cr = central.reshape(a * ic * jc, b) @ R.permute(1, 0, 2, 3).reshape(b, E * IR * JR)
-        cr = cr.reshape(a, ic * jc, E, IR * JR).permute(2, 0, 1, 3).reshape(E, a, ic * jc * IR * JR)
-        w = torch.bmm(L.reshape(E, IL * JL, a), cr)
+def contraction_order(shapes, c: int, E: int):
+    """(cheapest tree, its multiply-adds) for a chain of tensor ``shapes`` [(r, i, j, r'), ...]
+    with the shared central tensor at ``c``, by dynamic programming over split points (the
+    matrix-chain recursion; n is at most ~8). Backward costs ~2x each merge, so the same tree
+    is also the cheapest for forward + backward."""
+    n = len(shapes)
+    best: dict[tuple[int, int], tuple[int, object]] = {(k, k): (0, k) for k in range(n)}
+    for span in range(1, n):
+        for k in range(n - span):
+            l = k + span
+            best[k, l] = min(((best[k, m][0] + best[m + 1, l][0] + _seg_cost(shapes, k, m, l, c, E),
+                               (best[k, m][1], best[m + 1, l][1])) for m in range(k, l)), key=lambda t: t[0])
+    cost, tree = best[0, n - 1]
+    return tree, cost
+
+
+def central_last_order(n: int, c: int, left_first: bool = True):
+    """The previous fixed order, kept to measure against: contract the auxiliary chains left
+    and right of the central tensor, then the central tensor with one side, then the other."""
+    left = 0
+    for k in range(1, c):
+        left = (left, k)
+    right = n - 1
+    for k in range(n - 2, c, -1):
+        right = (k, right)
+    if c == 0:
+        return (c, right)
+    if c == n - 1:
+        return (left, c)
+    return (left, (c, right)) if left_first else ((left, c), right)
+
+
+def tree_cost(tree, shapes, c: int, E: int) -> int:
+    def walk(t):
+        if isinstance(t, int):
+            return t, t, 0
+        k, m, a = walk(t[0])
+        m2, l, b = walk(t[1])
+        assert m2 == m + 1, t
+        return k, l, a + b + _seg_cost(shapes, k, m, l, c, E)
+    return walk(tree)[2]
+
+
+def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[E?, r, X1, s] x [E?, s, X2, t] -> [E, r, X1 * X2, t] (3-D operands: the central tensor)."""
+    if a.dim() == 4 and b.dim() == 4:
+        E, r, x1, s = a.shape
+        out = torch.bmm(a.reshape(E, r * x1, s), b.reshape(E, s, -1))
+    elif a.dim() == 3:
+        r, x1, s = a.shape
+        E = b.shape[0]
+        out = torch.matmul(a.reshape(r * x1, s), b.reshape(E, s, -1))
     else:
-        lc = L.reshape(E * IL * JL, a) @ central.reshape(a, ic * jc * b)
-        w = torch.bmm(lc.reshape(E, IL * JL * ic * jc, b), R.reshape(E, b, IR * JR))
-    w = w.reshape(E, IL, JL, ic, jc, IR, JR).permute(0, 1, 3, 5, 2, 4, 6)
-    return w.reshape(E, IL * ic * IR, JL * jc * JR)
+        E, r, x1, s = a.shape
+        out = a.reshape(E * r * x1, s) @ b.reshape(s, -1)
+    return out.reshape(E, r, -1, b.shape[-1])
 
 
-class _ProjCentral(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.central = nn.Parameter(torch.empty(shape))
+def build_weights(tensors: list[torch.Tensor], c: int, order=None, transpose: bool = False) -> torch.Tensor:
+    """Dense W of every expert, ``[E, I, J]`` (``[E, J, I]`` with ``transpose``), from the chain
+    ``tensors``: position ``c`` the shared central ``[a, i, j, b]``, the others per-expert stacks
+    ``[E, r, i, j, r']``. ``order``: a contraction tree (default: :func:`contraction_order`)."""
+    shapes = [tuple(t.shape[-4:]) for t in tensors]
+    E = next(t.shape[0] for k, t in enumerate(tensors) if k != c)
+    if order is None:
+        order = contraction_order(shapes, c, E)[0]
+    leaves = [t.reshape(*t.shape[:-3], t.shape[-3] * t.shape[-2], t.shape[-1]) for t in tensors]
+
+    def run(node):
+        return leaves[node] if isinstance(node, int) else _merge(run(node[0]), run(node[1]))
+
+    w = run(order)
+    n = len(tensors)
+    w = w.reshape(E, *[d for s in shapes for d in s[1:3]])  # E, i1, j1, i2, j2, ...
+    rows, cols = [1 + 2 * k for k in range(n)], [2 + 2 * k for k in range(n)]
+    w = w.permute(0, *(cols + rows if transpose else rows + cols))
+    I, J = math.prod(s[1] for s in shapes), math.prod(s[2] for s in shapes)
+    return w.reshape(E, J, I) if transpose else w.reshape(E, I, J)
+
+
+class _MPOProj(nn.Module):
+    """One projection's chain: the shared ``central`` and the stacked ``aux{k}`` [L, r, i, j, r']."""
 
 
 class MPOExperts(nn.Module):
@@ -176,12 +236,14 @@ class MPOExperts(nn.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, activation: str = "swiglu", *,
                  num_tensors: int = 5, input_shape=None, output_shape=None, max_bond: int = 0,
                  num_blocks: int = 1, ep_size: int = 1, ep_rank: int = 0, ep_group=None,
-                 init_std: float = 0.02, seed: int = 0):
+                 init_std: float = 0.02, output_std: float | None = None, seed: int = 0, backend: str = "auto"):
         super().__init__()
         self.hidden, self.ffn, self.num_experts, self.num_blocks = hidden, ffn, num_experts, num_blocks
         self.swiglu = activation == "swiglu"
         self.projs = PROJS_SWIGLU if self.swiglu else PROJS_GELU
         self.ep_size, self.ep_rank, self.ep_group = ep_size, ep_rank, ep_group
+        resolve_backend(backend, torch.device("cpu"))
+        self.backend = backend
         self.d_shape = list(input_shape) if input_shape else factorize(hidden, num_tensors)
         self.f_shape = list(output_shape) if output_shape else factorize(ffn, num_tensors)
         self.max_bond, self.n, self.c = max_bond, num_tensors, central_index(num_tensors)
@@ -190,29 +252,31 @@ class MPOExperts(nn.Module):
         self.aux_idx = [k for k in range(self.n) if k != self.c]
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        g = torch.Generator().manual_seed(seed)
         for proj in self.projs:
             shapes = self.shapes(proj)
-            mod = _ProjCentral(shapes[self.c])
+            mod = _MPOProj()
+            mod.central = nn.Parameter(torch.empty(shapes[self.c]))
             set_tensor_model_parallel_attributes(mod.central, False, -1, 1)
+            for k in self.aux_idx:
+                p = nn.Parameter(torch.empty(n_local, *shapes[k]))
+                mark_expert_param(p, ep_size)
+                set_tensor_model_parallel_attributes(p, False, -1, 1)
+                mod.register_parameter(f"aux{k}", p)
             self.add_module(proj, mod)
+        stds = {proj: init_std for proj in self.projs}
+        stds["down_proj"] = init_std if output_std is None else output_std
+        g = torch.Generator().manual_seed(seed)
         for e in range(num_experts):  # every rank draws all experts: same init whatever EP is
-            inits = {proj: init_tensors(*self.matrix_shape(proj), max_bond, init_std, g) for proj in self.projs}
-            if e == 0:
+            inits = {proj: init_tensors(*self.matrix_shape(proj), max_bond, stds[proj], g) for proj in self.projs}
+            with torch.no_grad():
                 for proj in self.projs:
-                    with torch.no_grad():
-                        getattr(self, proj).central.copy_(inits[proj][self.c])
-            if e not in self.expert_ids:
-                continue
-            mod = nn.Module()
-            for proj in self.projs:
-                pd = nn.ParameterDict({f"aux{k}": nn.Parameter(inits[proj][k]) for k in self.aux_idx})
-                for p in pd.values():
-                    mark_expert_param(p, ep_size)
-                    set_tensor_model_parallel_attributes(p, False, -1, 1)
-                mod.add_module(proj, pd)
-            self.add_module(str(e), mod)
-        self.local = [getattr(self, str(e)) for e in self.expert_ids]
+                    mod = getattr(self, proj)
+                    if e == 0:
+                        mod.central.copy_(inits[proj][self.c])
+                    if e in self.expert_ids:
+                        for k in self.aux_idx:
+                            getattr(mod, f"aux{k}")[e - self.expert_ids[0]].copy_(inits[proj][k])
+        self.orders = {proj: contraction_order(self.shapes(proj), self.c, n_local)[0] for proj in self.projs}
 
     def matrix_shape(self, proj: str) -> tuple[list[int], list[int]]:
         """(row factors, col factors) of the [out, in] weight."""
@@ -224,47 +288,50 @@ class MPOExperts(nn.Module):
     def centrals(self) -> list[nn.Parameter]:
         return [getattr(self, proj).central for proj in self.projs]
 
-    def weights(self, proj: str) -> torch.Tensor:
-        """Dense W [L, out, in] of every local expert (differentiable)."""
-        stacks = {k: torch.stack([getattr(loc, proj)[f"aux{k}"] for loc in self.local]) for k in self.aux_idx}
-        left = [stacks[k] for k in range(self.c)]
-        right = [stacks[k] for k in range(self.c + 1, self.n)]
-        return build_weights(getattr(self, proj).central, left, right)
+    def chain(self, proj: str) -> list[torch.Tensor]:
+        mod = getattr(self, proj)
+        return [mod.central if k == self.c else getattr(mod, f"aux{k}") for k in range(self.n)]
+
+    def weights(self, proj: str, order=None) -> torch.Tensor:
+        """Every local expert's dense W in the FFNExperts layout ``[L, F, D]`` (down_proj
+        transposed), differentiable. Contracted in fp32 whatever the parameter dtype (a bf16
+        chain would round after every one of its n - 1 merges), then cast back."""
+        dtype = self.centrals()[0].dtype
+        w = build_weights([t.float() for t in self.chain(proj)], self.c, order or self.orders[proj],
+                          transpose=proj == "down_proj")
+        return w.to(dtype)
 
     def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        # Every slot runs, even with 0 tokens: ZeRO-1/2 reduce gradients in the order they
-        # become ready, so every rank must give every parameter (the shared central tensors
-        # above all) a gradient at the same point of backward; a 0-row matmul gives zeros.
-        w = {proj: self.weights(proj).unbind(0) for proj in self.projs}
-        outs = []
-        for slot, x_rD in enumerate(torch.split(x_RD, counts_L.tolist())):
-            e, blk = slot // self.num_blocks, slot % self.num_blocks
-            wu, wd = w["up_proj"][e], w["down_proj"][e]
-            wg = w["gate_proj"][e] if self.swiglu else None
-            if self.num_blocks > 1:
-                b = self.ffn // self.num_blocks
-                sl = slice(blk * b, (blk + 1) * b)
-                wu, wd, wg = wu[sl], wd[:, sl], (wg[sl] if wg is not None else None)
-            h = activate(torch.nn.functional.linear(x_rD, wg) if wg is not None else None,
-                         torch.nn.functional.linear(x_rD, wu))
-            outs.append(torch.nn.functional.linear(h, wd))
-        return torch.cat(outs)
+        # W is built once per forward for all local experts (one tree per projection), then
+        # the FFN experts' grouped path runs every slot, even empty ones: every rank gives
+        # every parameter (the shared central tensors above all) a gradient at the same point
+        # of backward, as ZeRO-1/2's ordered bucket reduction needs.
+        ws = [self.weights(p) if p in self.projs else None for p in PROJS_SWIGLU]
+        return expert_ffn(x_RD, counts_L, *ws, self.num_blocks, self.backend)
 
     # ---- full state dict, canonical names ----
+    def full_keys(self, prefix: str) -> list[str]:
+        keys = [f"{prefix}{proj}.central" for proj in self.projs]
+        return keys + [f"{prefix}{e}.{proj}.aux{k}" for e in range(self.num_experts) for proj in self.projs
+                       for k in self.aux_idx]
+
     def gather_full(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}{proj}.central": getattr(self, proj).central.detach().clone() for proj in self.projs}
+        n_local = len(self.expert_ids)
         for proj in self.projs:
             for k in self.aux_idx:
-                local = torch.stack([getattr(m, proj)[f"aux{k}"].detach() for m in self.local])
+                local = getattr(getattr(self, proj), f"aux{k}").detach()
                 for r, block in enumerate(_gather(local, self.ep_group, self.ep_size)):
                     for i, t in enumerate(block):
-                        out[f"{prefix}{r * len(self.local) + i}.{proj}.aux{k}"] = t.clone()
+                        out[f"{prefix}{r * n_local + i}.{proj}.aux{k}"] = t.clone()
         return out
 
     def load_full(self, sd: dict[str, torch.Tensor], prefix: str) -> None:
         with torch.no_grad():
             for proj in self.projs:
-                getattr(self, proj).central.copy_(sd[f"{prefix}{proj}.central"])
-                for e, m in zip(self.expert_ids, self.local):
-                    for k in self.aux_idx:
-                        getattr(m, proj)[f"aux{k}"].copy_(sd[f"{prefix}{e}.{proj}.aux{k}"])
+                mod = getattr(self, proj)
+                mod.central.copy_(sd[f"{prefix}{proj}.central"])
+                for k in self.aux_idx:
+                    aux = getattr(mod, f"aux{k}")
+                    for i, e in enumerate(self.expert_ids):
+                        aux[i].copy_(sd[f"{prefix}{e}.{proj}.aux{k}"])

@@ -99,14 +99,15 @@ def test_multihash_equals_block_construction():
     table, ex = layer.router.table, layer.experts
     assert table.shape == (n, V) and not torch.equal(table[0], table[1])
     b = ex.ffn // n
+    full = ex.gather_full("")  # canonical per-expert [out, in] weights
     want = []
     for xt, t in zip(x.reshape(-1, D), ctx.token_ids.reshape(-1)):
         hs, w2 = [], []
         for m in range(n):  # block m of the FFN comes from the expert of hash m
-            e = getattr(ex, str(int(table[m, t])))
+            w = {p: full[f"{int(table[m, t])}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
             rows = slice(m * b, (m + 1) * b)
-            hs.append(F.silu(e.gate_proj.weight[rows] @ xt) * (e.up_proj.weight[rows] @ xt))
-            w2.append(e.down_proj.weight[:, rows])
+            hs.append(F.silu(w["gate_proj"][rows] @ xt) * (w["up_proj"][rows] @ xt))
+            w2.append(w["down_proj"][:, rows])
         want.append(torch.cat(w2, 1) @ torch.cat(hs))
     torch.testing.assert_close(y.reshape(-1, D), torch.stack(want), atol=1e-6, rtol=1e-5)
 

@@ -76,6 +76,9 @@ def _check_case(rank, case, counts, ref, tp, ep):
         if not expert and ep > 1:
             dist.all_reduce(g, group=parallel.dp_group())
         want = ref["grads"][name]
+        if expert and ep > 1:  # stacked [L, ...]: this rank's experts
+            L = want.shape[0] // ep
+            want = want[parallel.ep_rank() * L:(parallel.ep_rank() + 1) * L]
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             dim = p.partition_dim
             want = want.index_select(dim, tp_rows(want.shape[dim], layer.num_blocks, tp, parallel.tp_rank()))

@@ -40,15 +40,34 @@ def test_exact_and_truncated(dims, n):
     assert errs[0] >= errs[1] >= errs[2] and errs[0] > 1e-3  # truncation is lossy, monotone
 
 
-def test_batched_build_matches_contract_both_orders():
+@pytest.mark.parametrize("rows,cols", [([2, 8, 2], [2, 4, 2]), ([2, 2, 2], [8, 4, 8]), ([2, 4, 2, 2], [2, 2, 4, 2]),
+                                       ([2, 2, 4, 2, 2], [2, 2, 2, 2, 2])])
+def test_batched_build_matches_contract_every_order(rows, cols):
+    """build_weights (batched over experts, any contraction tree, both layouts) == contract()."""
     g = torch.Generator().manual_seed(2)
-    for rows, cols in [([2, 8, 2], [2, 4, 2]), ([2, 2, 2], [8, 4, 8])]:  # exercises both contraction orders
-        shapes = mpo.tensor_shapes(rows, cols)
-        experts = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
-        central = torch.randn(shapes[1], generator=g)
-        w = mpo.build_weights(central, [torch.stack([ex[0] for ex in experts])], [torch.stack([ex[2] for ex in experts])])
-        for e, ex in enumerate(experts):
-            torch.testing.assert_close(w[e], mpo.contract([ex[0], central, ex[2]]), atol=1e-4, rtol=1e-4)
+    n, c = len(rows), mpo.central_index(len(rows))
+    for bond in (0, 3):
+        shapes = mpo.tensor_shapes(rows, cols, bond)
+        chain = [torch.randn(s if k == c else (3, *s), generator=g, dtype=torch.float64) for k, s in enumerate(shapes)]
+        best, best_cost = mpo.contraction_order(shapes, c, 3)
+        orders = [best, mpo.central_last_order(n, c, True), mpo.central_last_order(n, c, False)]
+        assert best_cost == min(mpo.tree_cost(o, shapes, c, 3) for o in orders)
+        for order in orders:
+            for transpose in (False, True):
+                w = mpo.build_weights(chain, c, order, transpose=transpose)
+                for e in range(3):
+                    want = mpo.contract([t if k == c else t[e] for k, t in enumerate(chain)])
+                    torch.testing.assert_close(w[e], want.t() if transpose else want, atol=1e-12, rtol=1e-12)
+
+
+def test_cheapest_order_beats_central_last_at_bench_shapes():
+    """D=512, F=2048, n=5, bond 64 (tools/bench_moe.py): the DP order needs fewer multiply-adds."""
+    for out_f, in_f in [(mpo.factorize(2048, 5), mpo.factorize(512, 5)), (mpo.factorize(512, 5), mpo.factorize(2048, 5))]:
+        shapes = mpo.tensor_shapes(out_f, in_f, 64)
+        tree, cost = mpo.contraction_order(shapes, 2, 64)
+        old = min(mpo.tree_cost(mpo.central_last_order(5, 2, f), shapes, 2, 64) for f in (True, False))
+        print(f"{out_f}x{in_f}: DP {cost / 1e9:.2f} G MAC ({tree}) vs central-last {old / 1e9:.2f} G MAC")
+        assert cost <= old
 
 
 def test_param_counts_mpo_vs_switch():
@@ -106,4 +125,5 @@ def test_mpo_markers_central_not_expert():
             assert (getattr(p, "allreduce", True) is False) == (not n.endswith("central")), n
             if not n.endswith("central"):
                 assert p.group_name == "ep_size_1"
-    assert "experts.3.up_proj.aux2" in names and "experts.3.up_proj.aux1" not in names
+    assert names["experts.up_proj.aux2"].shape[0] == E and "experts.up_proj.aux1" not in names  # stacked [E, ...]
+    assert "experts.3.up_proj.aux2" in layer.full_keys() and "experts.3.up_proj.aux1" not in layer.full_keys()

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megamoe.hf.export import export_model
-    from megamoe.hf.gather import load_checkpoint, model_configs
+    from megamoe.hf.checkpoint_reader import load_checkpoint, model_configs
 
     ckpt = load_checkpoint(args.checkpoint, args.tag)
     model_cfg, moe_cfg = model_configs(ckpt.config)

@@ -1,23 +1,21 @@
-"""Find and read a megamoe checkpoint as ONE canonical full state dict + its config.
+"""Find and read a megamoe checkpoint as canonical tensors + its config (export, evaluate,
+``train.init_from``, fine-tuning).
 
 Accepted ``--checkpoint`` forms:
 - a training ``save_dir`` (has ``latest``): the tag is ``--tag`` or the one ``latest`` names;
 - one tag directory ``save_dir/global_stepN`` (has ``COMPLETE``);
-- a canonical directory written by ``tools/convert_from_hf.py`` (``model.safetensors`` +
-  ``megamoe_config.yaml``), or a canonical ``.safetensors`` file with the config beside it.
+- a canonical directory written by ``tools/convert_from_hf.py`` or ``tools/zero_to_fp32.py``
+  (``model.safetensors`` + ``megamoe_config.yaml``), or such a ``.safetensors`` file.
 
-Why this is layout-free: the trainer writes ``model.safetensors`` into every tag directory,
-gathered by the model's own ``gather_full_state_dict`` (all TP/EP shards merged into canonical
-names), so any TP/EP/DP layout and ZeRO stage reads the same way. Under fp32 training the module
-weights *are* the fp32 master weights. Under bf16/fp16 training they are rounded copies; when the
-checkpoint has one model shard (TP=1, EP=1) the fp32 masters are recovered from the ZeRO
-optimizer shards with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (its names equal
-the module's, which ARE the canonical names at TP=EP=1); otherwise the export uses the rounded
-weights and says so.
+Why this is layout-free and exact: a training checkpoint holds the canonical pieces of every
+tensor (megamoe/train/universal.py), so its fp32 master weights, experts included, are read
+back whatever TP/EP/DP layout and ZeRO stage wrote them, one tensor at a time. A tag directory
+without shards (older format) falls back to its ``model.safetensors``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,7 +25,6 @@ import torch
 import yaml
 
 from megamoe.errors import UserError
-from megamoe.utils import print0
 
 CONFIG_FILE = "megamoe_config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,15 +63,18 @@ def resolve(path: str | Path, tag: str | None = None) -> tuple[Path, Path]:
         path = path / tag
     elif tag:
         raise UserError(f"--tag {tag!r} given but {path} is not a training save_dir (no 'latest' file)")
-    deepspeed_files = list(path.glob("mp_rank_*_model_states.pt"))
-    if deepspeed_files and not (path / "COMPLETE").is_file():
+    from megamoe.train.universal import SHARD_DIR
+
+    if ((path / SHARD_DIR).is_dir() or list(path.glob("mp_rank_*_model_states.pt"))) and \
+            not (path / "COMPLETE").is_file():
         raise UserError(f"checkpoint {path} is incomplete (no COMPLETE marker: the save was interrupted); "
                         "export an earlier tag with --tag")
     if not (path / CONFIG_FILE).is_file():
         raise UserError(f"{path} has no {CONFIG_FILE}: not a megamoe checkpoint (or an incomplete one)")
+    if (path / SHARD_DIR).is_dir():
+        return path, path / SHARD_DIR
     if not (path / WEIGHTS_FILE).is_file():
-        raise UserError(f"{path} has no {WEIGHTS_FILE} (saved with train.save_full_model=false?); resume the run "
-                        "for one step with train.save_full_model=true to write it, then export")
+        raise UserError(f"{path} has neither {SHARD_DIR}/ nor {WEIGHTS_FILE}: not a megamoe checkpoint")
     return path, path / WEIGHTS_FILE
 
 
@@ -95,41 +95,60 @@ def _valid_loss(cfg: dict, step: int | None) -> float | None:
     return None if best is None else best[1]
 
 
-def _fp32_masters(d: Path, sd: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], str]:
-    par = cfg.get("parallel") or {}
-    if par.get("tensor_parallel", 1) != 1 or par.get("expert_parallel", 1) != 1:
-        return sd, (f"weights are the {next(iter(sd.values())).dtype} module weights: fp32 master weights are "
-                    "recovered only for TP=1, EP=1 checkpoints")
-    if not list(d.glob("*optim_states.pt")):
-        return sd, "no ZeRO optimizer shards found: weights are the module weights"
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+@contextlib.contextmanager
+def open_canonical(path: str | Path, tag: str | None = None, what: str = "--checkpoint"):
+    """A lazy ``{canonical name: tensor}`` of a checkpoint dir or canonical .safetensors file;
+    each tensor is read (and checked) when it is used. Damaged files -> UserError naming them."""
+    from megamoe.model.state_dict import LazyDict
+    from megamoe.train import universal as uni
 
-    masters = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
-    out = {k: (masters[k].float() if k in masters and v.is_floating_point() else v) for k, v in sd.items()}
-    n = sum(k in masters and v.is_floating_point() for k, v in sd.items())
-    return out, f"fp32 master weights from the ZeRO optimizer shards ({n} of {len(sd)} tensors)"
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} {path} does not exist")
+    weights = resolve(p, tag)[1] if p.is_dir() else p
+    if weights.name == uni.SHARD_DIR:
+        try:
+            reader = uni.CheckpointReader(weights.parent)
+        except uni.CheckpointDamaged as e:
+            raise UserError(str(e)) from None
+        sd = reader.state_dict("weight")
+        yield LazyDict(sd.keys(), lambda k: _checked(lambda: sd[k]))
+        return
+    try:
+        f = uni.open_safetensors(weights)
+    except uni.CheckpointDamaged as e:
+        raise UserError(str(e)) from None
+    with f:
+        yield LazyDict(list(f.keys()), lambda k: _checked(lambda: f.get_tensor(k), weights))
+
+
+def _checked(fn, path=None):
+    from megamoe.train import universal as uni
+
+    try:
+        return fn()
+    except uni.CheckpointDamaged as e:
+        raise UserError(str(e)) from None
+    except Exception as e:
+        if path is None:
+            raise
+        raise UserError(str(uni._damaged(path, str(e).splitlines()[0][:200]))) from None
 
 
 def load_checkpoint(path: str | Path, tag: str | None = None) -> Checkpoint:
-    from safetensors.torch import load_file
-
     d, weights = resolve(path, tag)
     cfg = yaml.safe_load((d / CONFIG_FILE).read_text()) or {}
     if "model" not in cfg:
         raise UserError(f"{d / CONFIG_FILE} has no 'model' section")
-    try:
-        sd = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise UserError(f"{weights} is not a readable safetensors file ({e}); the checkpoint is damaged") from None
+    with open_canonical(d if weights.name == "shards" else weights) as lazy:
+        sd = {k: lazy[k] for k in lazy}
     m = _TAG.match(d.name)
     step = int(m.group(1)) if m else None
     info = {"source": str(d), "step": step, "run_name": cfg.get("name")}
     notes = []
     train = cfg.get("train") or {}
-    if train.get("precision", "fp32") != "fp32" and m:
-        sd, note = _fp32_masters(d, sd, cfg)
-        notes.append(note)
-        print0(note)
+    if weights.name == "shards" and train.get("precision", "fp32") != "fp32":
+        notes.append("fp32 master weights from the checkpoint's shards")
     data = cfg.get("data") or {}
     if data.get("data_path"):
         info["data"] = ", ".join(map(str, data["data_path"]))
@@ -138,6 +157,24 @@ def load_checkpoint(path: str | Path, tag: str | None = None) -> Checkpoint:
     info["valid_loss"] = _valid_loss(cfg, step)
     info["notes"] = notes
     return Checkpoint(state_dict=sd, config=cfg, info=info)
+
+
+def tokenizer_of(cfg: dict) -> Path | None:
+    """``data.tokenizer_model`` of the run config, else the tokenizer the dataset's metadata
+    (``PREFIX.json``) records, as training itself resolves it (megamoe/data/gpt.py)."""
+    from megamoe.data.indexed import read_meta, tokenizer_path_from_meta
+
+    data = cfg.get("data") or {}
+    if data.get("tokenizer_model"):
+        return Path(data["tokenizer_model"])
+    for prefix in data.get("data_path") or []:
+        prefix = str(prefix)
+        if not prefix or prefix.replace(".", "").isdigit():  # weights in a blended list
+            continue
+        meta = read_meta(prefix)
+        if meta and meta.get("tokenizer", {}).get("path"):
+            return tokenizer_path_from_meta(prefix, meta)
+    return None
 
 
 def model_configs(cfg: dict):

@@ -31,7 +31,7 @@ import yaml
 from megamoe import config as mcfg
 from megamoe.errors import UserError
 from megamoe.hf import configs, mapping
-from megamoe.hf.gather import CONFIG_FILE, WEIGHTS_FILE
+from megamoe.hf.checkpoint_reader import CONFIG_FILE, WEIGHTS_FILE
 from megamoe.model.config import HashConfig, ModelConfig, MoEConfig, MPOConfig, RouterConfig
 from megamoe.utils import atomic_path, print0, progress
 

@@ -19,8 +19,12 @@ part of the contract; a tied LM head has no ``lm_head.weight`` (the key must be 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -113,7 +117,7 @@ def load_full_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) ->
     for name, obj in _walk(model):
         if isinstance(obj, torch.nn.Module):
             prefix = name + "."
-            obj.load_full({k: v for k, v in sd.items() if k.startswith(prefix)}, prefix)
+            obj.load_full(_Prefixed(sd, prefix), prefix)
             continue
         full, dim = sd[name], _tp_dim(obj)
         if dim is not None:
@@ -143,3 +147,209 @@ def gather_full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             p.data = d
     buffers = {name for name, _ in model.named_buffers()}
     return {k: v for k, v in sd.items() if v.is_floating_point() and k not in buffers}
+
+
+# ---- where each local element lives in the canonical tensors (universal checkpoints) ----------
+
+class _Prefixed(Mapping):
+    """The entries of ``sd`` under ``prefix``, looked up lazily (``sd`` may build its values on
+    demand, one tensor at a time: see :func:`local_layout` and the checkpoint reader)."""
+
+    def __init__(self, sd, prefix: str):
+        self.sd, self.prefix = sd, prefix
+        self._keys = [k for k in sd.keys() if k.startswith(prefix)]
+
+    def __getitem__(self, k):
+        if not k.startswith(self.prefix):
+            raise KeyError(k)
+        return self.sd[k]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+class LazyDict(Mapping):
+    """``{key: fn(key)}`` computed on access (nothing is kept)."""
+
+    def __init__(self, keys, fn):
+        self._keys, self.fn = list(keys), fn
+        self._set = set(self._keys)
+
+    def __getitem__(self, k):
+        if k not in self._set:
+            raise KeyError(k)
+        return self.fn(k)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Local flat elements ``[start, stop)`` of one local tensor hold ``canonical[key][box]``
+    in C order. ``box`` lists, per canonical dim, the index runs ``(a, b)`` it covers."""
+
+    key: str
+    start: int
+    stop: int
+    box: tuple
+    shape: tuple  # full canonical shape
+    perm: tuple = ()  # canonical dims in the order the local tensor lays them out (() = identity)
+
+    @property
+    def local_box_shape(self) -> tuple:
+        order = self.perm or range(len(self.box))
+        return tuple(sum(b - a for a, b in self.box[d]) for d in order)
+
+    def fingerprint(self, lo: int, hi: int) -> int:
+        """63-bit id of the sub-range [lo, hi) of this piece (equal on ranks holding the same)."""
+        h = hashlib.blake2b(repr((self.key, self.box, self.perm, lo, hi)).encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") >> 1
+
+
+@dataclass
+class LocalTensor:
+    name: str  # local name (``named_parameters`` / ``named_buffers``)
+    tensor: torch.Tensor
+    is_param: bool
+    pieces: list
+
+
+def _runs(idx: torch.Tensor) -> tuple:
+    """Sorted unique indices -> ((a, b), ...) runs."""
+    idx = idx.tolist()
+    out, a = [], idx[0]
+    for prev, cur in zip(idx, idx[1:] + [None]):
+        if cur != prev + 1:
+            out.append((a, prev + 1))
+            a = cur
+    return tuple(out)
+
+
+def box_indices(box: tuple) -> list[torch.Tensor]:
+    return [torch.cat([torch.arange(a, b) for a, b in runs]) for runs in box]
+
+
+def _pieces_of(ix: torch.Tensor, keys: list[str], offsets: torch.Tensor, shapes: dict, what: str) -> list[Piece]:
+    """Split a local tensor's canonical flat indices (``offset[key] + flat``) into box pieces."""
+    ix = ix.reshape(-1).long()
+    if ix.numel() == 0:
+        return []
+    if bool((ix < 0).any()):
+        raise RuntimeError(f"{what}: load_full left some elements unwritten; the canonical mapping is incomplete")
+    kid = torch.searchsorted(offsets, ix, right=True) - 1
+    cuts = torch.nonzero(kid[1:] != kid[:-1]).flatten() + 1
+    bounds = [0] + cuts.tolist() + [ix.numel()]
+    pieces = []
+    for s, e in zip(bounds, bounds[1:]):
+        k = int(kid[s])
+        key, shape = keys[k], shapes[keys[k]]
+        c = ix[s:e] - offsets[k]
+        coords, rem = [], c
+        for n in reversed(shape):
+            coords.append(rem % n)
+            rem = rem // n
+        coords.reverse()
+        box = tuple(_runs(torch.unique(x)) for x in coords) if shape else ()
+        idx, strides = box_indices(box), [int(torch.Size(shape[d + 1:]).numel()) for d in range(len(shape))]
+        perm = None
+        for cand in itertools.permutations(range(len(shape))):  # locally the box may be transposed
+            expect = torch.zeros(1, dtype=torch.long)
+            for d in cand:
+                expect = (expect[:, None] + idx[d][None, :] * strides[d]).reshape(-1)
+            if expect.numel() == c.numel() and torch.equal(expect, c):
+                perm = cand
+                break
+        if perm is None:
+            raise RuntimeError(f"{what}: elements {s}..{e} of the local tensor are not a (transposed) box of {key}; "
+                               "the universal checkpoint cannot describe this layout")
+        pieces.append(Piece(key, s, e, box, tuple(shape), perm))
+    return pieces
+
+
+@contextlib.contextmanager
+def _no_comm_gather():
+    """comm.all_gather returns ``[t] * group size`` without communicating: enough to learn the
+    canonical SHAPES (every rank of a TP/EP group holds equally shaped shards)."""
+    real = comm.all_gather
+    comm.all_gather = lambda t, group=None: [t] * comm.group_size(group)
+    try:
+        yield
+    finally:
+        comm.all_gather = real
+
+
+def _local_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    out = [(n, p, True) for n, p in module.named_parameters()]
+    out += [(n, b, False) for n, b in module.named_buffers() if _persistent(module, n)]
+    return out
+
+
+@torch.no_grad()
+def _delegate_layout(module: torch.nn.Module, prefix: str) -> list[LocalTensor]:
+    """Index trick, layout-agnostic and without collectives: fill every canonical tensor with
+    ``offset + arange`` (float64, exact to 2**53), let the module's own ``load_full`` copy its
+    shard into float64 stand-ins of its tensors, and read back where each element came from.
+
+    Trap: the canonical shapes come from one ``gather_full`` with communication switched off,
+    which holds this layer's (local-expert) tensors once: done once per run and cached."""
+    if hasattr(module, "full_shapes"):
+        shapes = {k: tuple(v) for k, v in module.full_shapes(prefix).items()}
+    else:
+        with _no_comm_gather():
+            shapes = {k: tuple(v.shape) for k, v in module.gather_full(prefix).items()}
+    keys = list(shapes)
+    sizes = [int(torch.Size(shapes[k]).numel()) for k in keys]
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    offsets = torch.tensor(starts, dtype=torch.long)
+    where = {k: i for i, k in enumerate(keys)}
+    fill = LazyDict(keys, lambda k: (torch.arange(sizes[where[k]], dtype=torch.float64)
+                                     + starts[where[k]]).view(shapes[k]))
+    local = _local_tensors(module)
+    saved = [t.data for _, t, _ in local]
+    for _, t, _ in local:
+        t.data = torch.full(t.shape, -1.0, dtype=torch.float64)
+    try:
+        module.load_full(fill, prefix)
+        ix = [t.data for _, t, _ in local]
+    finally:
+        for (_, t, _), d in zip(local, saved):
+            t.data = d
+    return [LocalTensor(prefix + n, t, is_p, _pieces_of(x, keys, offsets, shapes, prefix + n))
+            for (n, t, is_p), x in zip(local, ix)]
+
+
+def local_shape(t: torch.Tensor) -> tuple:
+    """Shape of this rank's (TP/EP) shard; ZeRO-3 keeps it in ``ds_shape``."""
+    return tuple(getattr(t, "ds_shape", t.shape))
+
+
+@torch.no_grad()
+def local_layout(model: torch.nn.Module) -> list[LocalTensor]:
+    """For every local tensor (parameter or persistent buffer): the canonical pieces it holds.
+    Not collective. Dense tensors are described from their TP attributes; MoE layers by
+    :func:`_delegate_layout`, so the result does not depend on how experts are laid out."""
+    out = []
+    for name, obj in _walk(model):
+        if isinstance(obj, torch.nn.Module):
+            out.extend(_delegate_layout(obj, name + "."))
+            continue
+        shape, dim = list(local_shape(obj)), _tp_dim(obj)
+        box = [((0, n),) for n in shape]
+        if dim is not None:
+            n, r = shape[dim], parallel.tp_rank()
+            box[dim] = ((r * n, (r + 1) * n),)
+            shape[dim] = n * parallel.tp_size()
+        numel = int(torch.Size(local_shape(obj)).numel())
+        is_param = isinstance(obj, torch.nn.Parameter)
+        piece = Piece(name, 0, numel, tuple(box), tuple(shape), tuple(range(len(shape))))
+        out.append(LocalTensor(name, obj, is_param, [piece] if numel else []))
+    return out

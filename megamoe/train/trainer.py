@@ -92,15 +92,14 @@ def evaluate(engine, loader_factory, eval_iters: int, device) -> dict:
 
 
 def load_weights(model, path: str) -> None:
-    """Load a canonical full state dict (.safetensors, e.g. a checkpoint's model.safetensors)
-    into this rank's shards."""
-    from safetensors.torch import load_file
-
+    """Load canonical weights into this rank's shards, one tensor at a time: a ``.safetensors``
+    file (a checkpoint's model.safetensors, a convert_from_hf output) or a checkpoint directory
+    (a save_dir or one global_stepN; its fp32 masters are read from the shards)."""
+    from megamoe.hf.checkpoint_reader import open_canonical
     from megamoe.model.state_dict import load_full_state_dict
 
-    if not Path(path).is_file():
-        raise UserError(f"weights file {path} not found (train.init_from / --checkpoint)")
-    load_full_state_dict(model, load_file(path))
+    with open_canonical(path, what="train.init_from") as sd:
+        load_full_state_dict(model, sd)
 
 
 def _loss_scale(optimizer) -> float:
@@ -158,13 +157,13 @@ class Trainer:
         self.ds_config = build_ds_config(t, dp, has_moe=bool(run.moe.num_experts))
         self.engine, self.optimizer, self.scheduler = build_engine(model, run, self.layout, self.ds_config)
         self.config_dict = to_dict(run)
+        ckpt.prepare(self.engine)  # collective, once: which canonical pieces this rank saves
 
         self.step, self.consumed = 0, 0
         self._saved_step = None
         self.nonfinite_total = 0
         if self.load_dir:
-            state = ckpt.load(self.engine, self.load_dir)
-            ckpt.check_compatible(state.get("config", {}), self.config_dict, self.load_dir)
+            state = ckpt.load(self.engine, self.load_dir, self.config_dict, self.scheduler)
             self.step = int(state["step"])
             self.consumed = int(state["consumed_samples"])
             self.nonfinite_total = int(state.get("nonfinite_total", 0))
@@ -185,7 +184,7 @@ class Trainer:
         state = {"step": self.step, "consumed_samples": self.consumed, "nonfinite_total": self.nonfinite_total,
                  "dp_size": self.layout.dp, "config": self.config_dict}
         tag = ckpt.save(self.engine, t.save_dir, self.step, state, self.config_dict, t.keep_last,
-                        full_model=t.save_full_model)
+                        full_model=t.save_full_model, scheduler=self.scheduler)
         self._saved_step = self.step
         return tag
 

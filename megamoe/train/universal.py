@@ -1,0 +1,248 @@
+"""megamoe's universal checkpoint format: canonical per-parameter pieces, written per rank.
+
+What a rank writes (``shards/rank{r}.safetensors`` + ``shards/rank{r}.json``): for each piece
+of a canonical tensor it owns (see ``megamoe.model.state_dict.Piece``: a box of the canonical
+tensor, possibly transposed locally) the elements of its ZeRO fragment, for three states:
+``weight`` (the fp32 master of a parameter, or a buffer's value: hash tables, router state),
+``exp_avg`` and ``exp_avg_sq`` (AdamW moments), plus each parameter's AdamW step count. The JSON
+names, per tensor, its canonical key, box, element range, dtype and CRC-32, and the data
+file's size. Any other layout reads them back by assembling one canonical tensor at a time.
+
+Why not DeepSpeed's universal checkpoint: ``ds_to_universal`` merges ZeRO fragments of each
+*module* parameter across DP and TP, but it keys everything by the module's parameter names and
+has no notion of experts sharded over EP ranks (DeepSpeed #5716: "universal checkpoint does not
+support MoE"); its TP merge needs per-parameter patterns for which dim is sharded (Megatron's
+``universal_checkpoint_info``), and megamoe's stacked / transposed / MultiHash-blocked expert
+tensors fit none of them. ``torch.distributed.checkpoint`` would need DTensor placements for
+DeepSpeed's flat ZeRO partitions. The canonical pieces here are learned from the model's own
+``load_full`` (layout-agnostic), and the optimizer fragments come from DeepSpeed's public
+``_hp_mapping`` (the same fields ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``
+read), so a rank never gathers anything: it writes its own fragments, one tensor at a time.
+
+Traps:
+- The safetensors header needs every tensor's size up front: the writer computes it from the
+  piece list, then streams each tensor (never more than one in host memory).
+- This module is imported by the ``zero_to_fp32.py`` copy in every save dir: keep it free of
+  heavy megamoe imports (torch, safetensors and the standard library only at module level).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+FORMAT = "megamoe-universal/1"
+STATES = ("weight", "exp_avg", "exp_avg_sq")
+SHARD_DIR = "shards"
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_NAMES = {str(d).replace("torch.", ""): d for d in _ST_DTYPES}
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint file is damaged; ``str()`` names the file and what to do."""
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def write_safetensors(path: Path, entries: list, metadata: dict | None = None) -> dict:
+    """Stream ``entries`` = [(name, dtype, shape, fetch)] into a safetensors file, calling each
+    ``fetch()`` only when its bytes are due. Atomic (temp + rename). Returns {name: crc32}."""
+    header, pos = {}, 0
+    for name, dtype, shape, _ in entries:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    crcs = {}
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape, fetch in entries:
+            t = fetch()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: fetched {t.dtype}{tuple(t.shape)}, header says {dtype}{tuple(shape)}")
+            b = _bytes(t)
+            crcs[name] = zlib.crc32(b)
+            f.write(b)
+            del t, b
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return crcs
+
+
+def _damaged(path, what: str) -> CheckpointDamaged:
+    return CheckpointDamaged(f"{path} is damaged ({what}); this checkpoint cannot be read: resume or export from "
+                             "an earlier complete one (point 'latest' at another global_stepN, or pass --tag), or "
+                             "copy the file again if it came from elsewhere")
+
+
+def open_safetensors(path: Path, expected_size: int | None = None):
+    """``safe_open`` with every failure turned into :class:`CheckpointDamaged` naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise _damaged(path, "file missing")
+    size = path.stat().st_size
+    if expected_size is not None and size != expected_size:
+        raise _damaged(path, f"{size} bytes, the checkpoint index expects {expected_size}: truncated?")
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"{size} bytes, its header describes {8 + n + end}: truncated?")
+        return safe_open(str(path), framework="pt")
+    except CheckpointDamaged:
+        raise
+    except Exception as e:  # struct / json / safetensors errors of a damaged file
+        raise _damaged(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise _damaged(path, "file missing")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(path, f"not valid JSON: {e}") from None
+
+
+def _box_index(box) -> list[torch.Tensor]:
+    return [torch.cat([torch.arange(a, b) for a, b in runs]) for runs in box]
+
+
+class CheckpointReader:
+    """Canonical tensors of one universal checkpoint directory (``global_stepN``), assembled
+    one at a time from every rank's pieces; validates sizes and checksums as it reads."""
+
+    def __init__(self, tag_dir: str | Path):
+        self.dir = Path(tag_dir)
+        shard_dir = self.dir / SHARD_DIR
+        index_files = sorted(shard_dir.glob("rank*.json"))
+        if not index_files:
+            raise _damaged(shard_dir, "no rank*.json index files")
+        self.files: list[Path] = []
+        self.entries: dict[tuple[str, str], list] = {}
+        self.meta: dict[str, dict] = {}  # key -> {shape, dtype, param, step}
+        self._sizes = []
+        for jf in index_files:
+            idx = read_json(jf)
+            if idx.get("format") != FORMAT:
+                raise _damaged(jf, f"format {idx.get('format')!r}, expected {FORMAT!r}")
+            fi = len(self.files)
+            self.files.append(shard_dir / idx["file"])
+            self._sizes.append(int(idx["size"]))
+            for t in idx["tensors"]:
+                self.entries.setdefault((t["key"], t["state"]), []).append((fi, t))
+                m = self.meta.setdefault(t["key"], {"shape": tuple(t["shape"]), "dtype": t["dtype"],
+                                                    "param": t["param"]})
+                if t["state"] == "weight":
+                    m["dtype"] = t["dtype"]
+            for k, s in idx.get("steps", {}).items():
+                self.meta.setdefault(k, {})["step"] = s
+        self._open: dict[int, object] = {}
+        for fi in range(len(self.files)):  # headers and sizes of every file, before any data is used
+            self._handle(fi)
+
+    def _handle(self, fi: int):
+        if fi not in self._open:
+            self._open[fi] = open_safetensors(self.files[fi], self._sizes[fi])
+        return self._open[fi]
+
+    def keys(self, state: str = "weight") -> list[str]:
+        return [k for k in self.meta if (k, state) in self.entries]
+
+    def has(self, state: str) -> bool:
+        return any(s == state for _, s in self.entries)
+
+    def step(self, key: str):
+        return self.meta.get(key, {}).get("step")
+
+    def full(self, key: str, state: str = "weight") -> torch.Tensor:
+        meta = self.meta[key]
+        shape, dtype = meta["shape"], _NAMES[meta["dtype"]] if state == "weight" else torch.float32
+        out = torch.zeros(shape, dtype=dtype)
+        covered = torch.zeros(shape, dtype=torch.bool)
+        boxes: dict = {}
+        for fi, t in self.entries.get((key, state), []):
+            try:
+                data = self._handle(fi).get_tensor(t["name"])
+            except Exception as e:
+                raise _damaged(self.files[fi], f"tensor {t['name']}: {e}") from None
+            if zlib.crc32(_bytes(data)) != t["crc32"]:
+                raise _damaged(self.files[fi], f"checksum of {key} ({state}) does not match")
+            box = tuple(tuple(tuple(r) for r in runs) for runs in t["box"])
+            perm = tuple(t["perm"]) or tuple(range(len(shape)))
+            bk = (box, perm)
+            if bk not in boxes:
+                lshape = [sum(b - a for a, b in box[d]) for d in perm]
+                boxes[bk] = (torch.zeros(lshape, dtype=dtype).reshape(-1), torch.zeros(int(torch.Size(lshape).numel()),
+                                                                                          dtype=torch.bool))
+            buf, seen = boxes[bk]
+            lo, hi = t["range"]
+            buf[lo:hi] = data.to(dtype)
+            seen[lo:hi] = True
+        for (box, perm), (buf, seen) in boxes.items():
+            lshape = [sum(b - a for a, b in box[d]) for d in perm]
+            inv = [perm.index(d) for d in range(len(perm))]
+            vals = buf.view(lshape).permute(inv) if lshape else buf.view(())
+            mask = seen.view(lshape).permute(inv) if lshape else seen.view(())
+            if not shape:
+                out.copy_(vals)
+                covered |= mask
+                continue
+            idx = _box_index(box)
+            grid = [i.view([-1 if d == j else 1 for j in range(len(shape))]) for d, i in enumerate(idx)]
+            grid = tuple(grid)
+            out.index_put_(grid, vals if bool(mask.all()) else torch.where(mask, vals, out[grid]))
+            covered.index_put_(grid, mask | covered[grid])
+        if not bool(covered.all()):
+            missing = int((~covered).sum())
+            raise _damaged(self.dir / SHARD_DIR, f"{missing} of {covered.numel()} elements of {key} ({state}) are in "
+                                                 "no shard: a rank's shard file is missing")
+        return out
+
+    def state_dict(self, state: str = "weight", fallback: str | None = "weight"):
+        """Lazy ``{key: full tensor}`` of ``state``; keys without it (buffers have no moments)
+        come from ``fallback``."""
+        from megamoe.model.state_dict import LazyDict
+
+        keys = [k for k in self.meta if (k, state) in self.entries or (fallback and (k, fallback) in self.entries)]
+        return LazyDict(keys, lambda k: self.full(k, state if (k, state) in self.entries else fallback))
+
+
+def consolidate(tag_dir: str | Path, out: str | Path, state: str = "weight") -> Path:
+    """Write the full canonical model (fp32 masters, buffers as saved) to ``out`` (.safetensors),
+    streaming one tensor at a time."""
+    r = CheckpointReader(tag_dir)
+    keys = sorted(r.keys(state))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dt = {k: _NAMES[r.meta[k]["dtype"]] if state == "weight" else torch.float32 for k in keys}
+    write_safetensors(out, [(k, dt[k], r.meta[k]["shape"], (lambda k=k: r.full(k, state))) for k in keys],
+                      {"format": "pt", "source": str(Path(tag_dir).resolve()), "state": state})
+    return out

@@ -2,8 +2,9 @@
 
 Each example is tokenised with the project SentencePiece model, truncated to ``seq_len``
 (keeping the start: topic and spam cues are early) and right-padded with id 0; ``lengths``
-points the classifier at the last real token. Per task, at most ``max_train`` / ``max_test``
-examples are drawn with a fixed seed so runs are comparable across methods.
+points the classifier at the last real token. Per task, at most ``max_train`` training examples
+are drawn with the run's seed (the same for every method) and at most ``max_test`` test examples
+with a fixed seed (the same for every run, so per-example results pair across methods).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ def load_tasks(task_dir: str | Path, tasks: list[str], tokenizer: str, seq_len: 
     if not Path(tokenizer).exists():
         raise UserError(f"tokenizer {tokenizer} not found (train one with tools/train_tokenizer.py or pass --tokenizer)")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    rng = random.Random(seed)
     out = {"train": [], "test": []}
     for t, task in enumerate(tasks):
         rows = [json.loads(ln) for ln in (task_dir / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()]
         for split, cap in (("train", max_train), ("test", max_test)):
             part = [r for r in rows if r["split"] == split]
-            rng.shuffle(part)
+            # the training draw follows the run's seed; the test set is the same for every run
+            random.Random(f"{task}/{seed if split == 'train' else 0}").shuffle(part)
             out[split] += [(r["text"], r["label"], t) for r in part[:cap]]
     splits = []
     for split in ("train", "test"):

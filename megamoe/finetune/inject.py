@@ -80,6 +80,7 @@ def build_adapter(cfg: AdapterConfig, in_features: int, out_features: int) -> Lo
 
 def inject_adapters(model: torch.nn.Module, cfg: AdapterConfig) -> Injected:
     """Add ``cfg.method``'s adapters in place and freeze every other parameter."""
+    was_training = model.training
     for p in model.parameters():
         p.requires_grad_(False)
     out = Injected(model, cfg)
@@ -106,6 +107,7 @@ def inject_adapters(model: torch.nn.Module, cfg: AdapterConfig) -> Injected:
             parent = model.get_submodule(parent_name)
             lin = getattr(parent, attr)
             setattr(parent, attr, AdaptedLinear(lin, build_adapter(cfg, lin.in_features, lin.out_features)))
+    model.train(was_training)  # new modules are created in train mode; keep the model's mode
     model._megamoe_injected = out
     return out
 

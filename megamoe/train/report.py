@@ -61,20 +61,44 @@ def flops_per_token(counts: dict, run) -> float:
     return account(run.model, run.moe).flops_per_token(run.data.seq_length)
 
 
-def measure_peak_flops(n: int = 1024, reps: int = 5, dtype=torch.float32) -> float:
-    """Achieved FLOP/s of an n^3 matmul on this rank's device (the MFU denominator)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure_peak_flops(precision: str = "fp32", n: int | None = None, reps: int | None = None,
+                       device: str | None = None) -> float:
+    """Best achieved FLOP/s of an ``n^3`` matmul in the TRAINING dtype on this rank's device:
+    the MFU denominator.
+
+    The dtype is the one the matmuls of training run in (``train.precision``): a bf16 run on a
+    GPU divides by the bf16 tensor-core rate, not by fp32 (which would inflate MFU several times
+    on an H100/H200) nor by a datasheet number no kernel reaches. fp32 on CUDA measures with
+    the process's current TF32 setting, i.e. the one training uses. Best of 3 rounds after a
+    warm-up. Sizes: CPU ``n=1024`` x 5 (a start-up cost well under a second; tools/bench_train.py
+    passes 2048); CUDA ``n=8192`` x 20 (smaller matmuls are launch-bound on an H200 and would
+    understate the peak).
+    """
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.startswith("cuda")
+    n = n or (8192 if cuda else 1024)
+    reps = reps or (20 if cuda else 5)
+    dtype = PRECISION_DTYPES[precision]
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     a @ b
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
+    sync()
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = max(best, 2.0 * n**3 * reps / (time.perf_counter() - t0))
+    return best
 
 
 def current_rss_mb() -> float:
@@ -114,7 +138,8 @@ def startup_report(run, layout, info: dict, counts: dict, fpt: float, peak: floa
         f"sequences = {info['tokens_per_step']} tokens/step",
         f"optim    AdamW lr={t.lr} ({t.warmup_steps} warmup, {t.lr_decay} to {t.min_lr}) wd={t.weight_decay} "
         f"clip={t.grad_clip}  ZeRO-{t.zero_stage}  {t.precision}",
-        f"compute  {fpt / 1e6:.1f} MFLOP/token; matmul peak {peak / 1e9:.1f} GFLOP/s per rank",
+        f"compute  {fpt / 1e6:.1f} MFLOP/token; {t.precision} matmul peak {peak / 1e9:.1f} GFLOP/s per rank "
+        "(the MFU denominator)",
         f"steps    {start_step} -> {t.train_steps}" + (f"  (resumed from {load_dir})" if load_dir else ""),
         f"output   checkpoints {t.save_dir}   logs {t.log_dir}",
         "=" * 78,

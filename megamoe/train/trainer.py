@@ -167,7 +167,7 @@ class Trainer:
             self.step = int(state["step"])
             self.consumed = int(state["consumed_samples"])
             self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.peak = measure_peak_flops()
+        self.peak = measure_peak_flops(t.precision)  # MFU against the training dtype's matmul peak
         self.metrics = MetricsLogger(t.log_dir, t.tensorboard, resume=self.load_dir is not None,
                                      start_step=self.step)
         print0(startup_report(run, self.layout, info, self.counts, self.fpt, self.peak, self.ds_config,
@@ -205,7 +205,10 @@ class Trainer:
             engine.backward(out.loss)
             if micro == gas - 1 and self.run.train.zero_stage == 0:
                 self._zero0_guard(nonfinite)
-            engine.step()
+            if self.grad_mask is not None:  # grad_mask=skip: the central tensors sit out skipped steps
+                self.grad_mask.engine_step(engine)
+            else:
+                engine.step()
             stats = out.moe_stats
         loss, lm, aux, z, bad = _dp_mean([s / gas for s in sums] + [float(nonfinite)])
         norm = engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)

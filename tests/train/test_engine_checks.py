@@ -144,3 +144,23 @@ def test_pyproject_bounds_deepspeed_to_the_verified_range():
     pinned = [ln.split("#")[0].strip() for ln in (root / "requirements.txt").read_text().splitlines()
               if ln.startswith("deepspeed")]
     assert pinned and pinned[0].split("==")[1] in SpecifierSet(VERIFIED_DEEPSPEED), pinned
+
+
+def test_mfu_peak_is_measured_in_the_training_dtype(monkeypatch):
+    """The MFU denominator: a bf16 run divides by a bf16 matmul, fp32 by fp32 (megamoe/train/report.py)."""
+    import torch
+
+    from megamoe.train import report
+
+    seen = []
+    real = torch.randn
+
+    def spy(*a, **k):
+        seen.append(k.get("dtype"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        assert report.measure_peak_flops(precision, n=64, reps=1) > 0
+        assert seen == [dtype, dtype], (precision, seen)

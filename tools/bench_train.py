@@ -2,23 +2,34 @@
 
     python tools/bench_train.py                       # CPU: demo model + D=512 L=8 dense / E=8 / E=64, + 2-rank EP=2
     python tools/bench_train.py --only dense,e8 --steps 3 --no-distributed
-    python tools/bench_train.py --device cuda --gpu-1b  # bf16 ~1B-total-parameter MoE on a GPU
+    python tools/bench_train.py --device cuda         # one GPU: bf16 + ZeRO-2, ~1 B-total MoE at E=8 and at E=64
+    python tools/bench_train.py --device cuda --only e64 --hidden 2048 --layers 16 --target-params 3e9
 
 Side by side in ONE process with the same thread count: for each architecture, megamoe's model
-trained through megamoe's DeepSpeed engine set-up (megamoe/train/engine.py; ZeRO-0 in one process
--- ZeRO-1/2 would add a second fp32 copy of every weight for nothing on one rank, and the E=64
-model's 1.1 B parameters then no longer fit a 24 GB machine)
-and the same architecture built from transformers' ``MixtralForCausalLM`` (MoE) or
-``LlamaForCausalLM`` (dense) trained by a plain ``torch.optim.AdamW`` loop. Random token
-batches (throughput does not depend on the data); the first ``--warmup`` steps are not timed.
+trained through megamoe's DeepSpeed engine set-up (megamoe/train/engine.py) and the same
+architecture built from transformers' ``MixtralForCausalLM`` (MoE) or ``LlamaForCausalLM``
+(dense) trained by a plain ``torch.optim.AdamW`` loop. Random token batches (throughput does not
+depend on the data); the first ``--warmup`` steps are not timed.
 
-FLOPs per token = 6 x active non-embedding parameters + 12 x layers x width x sequence length
-(the issue's convention; the LM head counts, the input embedding does not). MFU = achieved
-FLOP/s / fp32 (bf16 on GPU) matmul peak measured at the start of the run (2048^3 matmul).
+CPU (default, unchanged): fp32, ZeRO-0 in one process -- ZeRO-1/2 would add a second fp32 copy
+of every weight for nothing on one rank, and the E=64 model's 1.1 B parameters then no longer
+fit a 24 GB machine. CUDA: ``--precision bf16`` and ``--zero-stage 2`` by default (bf16 weights,
+fp32 masters in ZeRO-2, the experts' grouped-GEMM path that megamoe/moe/experts.py picks on
+CUDA); the model size comes from flags, and ``--target-params`` (default 1e9) sets each MoE
+case's expert width F so that the TOTAL parameter count is nearest that (E=8: F=2944, E=64: F=384,
+fine-grained). The dense case takes E=8's F (equal active FLOPs at top-1). The transformers
+baseline trains in the same dtype with plain AdamW (no fp32 masters: it does less optimizer
+work, so the comparison is conservative for megamoe).
 
-The 2-rank row (MoE cases up to E=8) re-runs this script under torchrun (2 ranks x threads/2 each, same total
-threads), DeepSpeed ZeRO-2 with EP=2, and reports tokens/s over both ranks and the overhead
-against the one-process megamoe run. Results: results/bench_train.{json,md}.
+FLOPs per token = megamoe/model/accounting.py (6 x matmul params + 12 x layers x width x
+sequence length). MFU = achieved FLOP/s / the matmul peak of the TRAINING dtype on this device
+(fp32 on CPU, bf16 for a bf16 run on a GPU), measured at the start of the run by
+megamoe.train.report.measure_peak_flops (the trainer's denominator too).
+
+The 2-rank row (CPU, MoE cases up to E=8) re-runs this script under torchrun (2 ranks x
+threads/2 each, same total threads), DeepSpeed ZeRO-2 with EP=2, and reports tokens/s over both
+ranks and the overhead against the one-process megamoe run. Results:
+results/bench_train.{json,md} (CPU), results/bench_train_cuda.{json,md} (CUDA), with the command.
 """
 
 from __future__ import annotations
@@ -36,7 +47,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = Path(__file__).resolve().parents[1]
 
 BIG = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, ffn_hidden_size=1408, seq=512, mbs=4)
-GPU_1B = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_heads=16, ffn_hidden_size=2816, seq=2048, mbs=8)
 CASES = {
     "demo": None,  # configs/demo.yaml's model
     "dense": (BIG, 0),
@@ -45,7 +55,37 @@ CASES = {
 }
 
 
-def run_config(case: str, arch: dict | None, experts: int, ep: int = 1):
+def gpu_cases(args, only: list[str]) -> dict:
+    """{case: (arch, experts)} at the flag-given size; each MoE case's F sized to ~--target-params."""
+    base = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                seq=args.seq, mbs=args.micro_batch)
+
+    def total(f: int, e: int) -> int:
+        from megamoe.model.accounting import account
+
+        run, _, _ = run_config("probe", {**base, "ffn_hidden_size": f}, e, top_k=args.top_k)
+        return account(run.model, run.moe).total
+
+    def width(e: int) -> int:
+        if args.ffn:
+            return args.ffn
+        lo, hi = 128, 128 * 256  # total grows with F: bisect on multiples of 128
+        while hi - lo > 128:
+            mid = (lo + hi) // 256 * 128
+            lo, hi = (mid, hi) if total(mid, e) <= args.target_params else (lo, mid)
+        return min((lo, hi), key=lambda f: abs(total(f, e) - args.target_params))  # the nearer one
+
+    out = {}
+    for case in only:
+        if case not in ("dense", "e8", "e64"):
+            raise SystemExit(f"--only {case}: with --arch flags the cases are dense, e8, e64")
+        e = {"dense": 0, "e8": 8, "e64": 64}[case]
+        out[case] = ({**base, "ffn_hidden_size": width(8 if e == 0 else e)}, e)
+    return out
+
+
+def run_config(case: str, arch: dict | None, experts: int, ep: int = 1, *, top_k: int = 1, zero_stage: int = 0,
+               precision: str = "fp32"):
     from megamoe.config import from_dict
     from megamoe.run_config import RunConfig, load_run_config
 
@@ -59,13 +99,12 @@ def run_config(case: str, arch: dict | None, experts: int, ep: int = 1):
         "model": {k: arch[k] for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size")}
         | {"max_position_embeddings": arch["seq"]},
         "moe": {"num_experts": experts, "every": 1 if experts else 0,
-                "router": {"top_k": 1, "capacity_factor": 0.0, "eval_capacity_factor": 0.0,
+                "router": {"top_k": top_k, "capacity_factor": 0.0, "eval_capacity_factor": 0.0,
                            "aux_loss_coef": 0.0, "z_loss_coef": 0.0}},
         "parallel": {"expert_parallel": ep},
         "data": {"seq_length": arch["seq"]},
         "train": {"micro_batch_size": arch["mbs"], "global_batch_size": arch["mbs"] * ep,
-                  "zero_stage": 2 if ep > 1 else 0,
-                  "precision": "fp32"},
+                  "zero_stage": 2 if ep > 1 else zero_stage, "precision": precision},
     }
     return from_dict(RunConfig, d), arch["seq"], arch["mbs"]
 
@@ -84,28 +123,6 @@ def hf_model(run):
                                          output_router_logits=False, **common)
         return transformers.MixtralForCausalLM(cfg)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-
-
-def matmul_peak(device: str, dtype) -> float:
-    import torch
-
-    n = 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = 0.0
-    for _ in range(3):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(4 if device == "cpu" else 50):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        reps = 4 if device == "cpu" else 50
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
 
 
 def _time_steps(step, warmup: int, steps: int, device: str) -> float:
@@ -147,8 +164,21 @@ def bench_megamoe(run, seq, mbs, warmup, steps, device) -> float:
         engine.step()
 
     dt = _time_steps(step, warmup, steps, device)
+    engine.destroy()
     del engine, model
+    _free(device)
     return dt
+
+
+def _free(device: str) -> None:
+    """Release one implementation's memory before the next one is measured."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def bench_megamoe_plain(run, seq, mbs, warmup, steps, device) -> float:
@@ -194,6 +224,7 @@ def bench_hf(run, seq, mbs, warmup, steps, device) -> float:
 
     dt = _time_steps(step, warmup, steps, device)
     del model, opt
+    _free(device)
     return dt
 
 
@@ -210,56 +241,89 @@ def distributed_worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from megamoe import comm
+
     case = args.worker
     arch, experts = CASES[case] if CASES[case] else (None, 0)
     run, seq, mbs = run_config(case, arch, experts, ep=2)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dt = bench_megamoe(run, seq, mbs, args.warmup, args.steps, "cpu")
-    t = torch.tensor([dt])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = comm.all_reduce(torch.tensor([dt]), "max")  # the slowest rank sets the step time
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"case": case, "step_s": float(t), "tokens_per_step": mbs * seq * 2}), flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="demo,dense,e8",
-                    help="comma-separated cases: demo, dense, e8, e64 (e64 needs ~18 GB per implementation: run it alone)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated cases: demo, dense, e8, e64 (CPU default demo,dense,e8; e64 needs ~18 GB "
+                         "per implementation: run it alone); CUDA: dense, e8, e64 (default e8,e64)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 3 CPU, 10 CUDA)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 3 CUDA)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2-rank run: threads/2 per rank)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--gpu-1b", action="store_true", help="bf16 ~1B-total MoE (E=8, D=1024, L=12) on --device cuda")
+    ap.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                    help="training dtype, also the MFU peak's dtype (default fp32 CPU, bf16 CUDA)")
+    ap.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2],
+                    help="ZeRO stage of the one-process megamoe run (default 0 CPU, 2 CUDA)")
+    ap.add_argument("--arch", default=None, choices=["fixed", "flags"],
+                    help="fixed: the D=512 L=8 CPU cases; flags: the size flags below (default fixed CPU, flags CUDA)")
+    g = ap.add_argument_group("model size with --arch flags (the CUDA default)")
+    g.add_argument("--hidden", type=int, default=1024, help="model width D")
+    g.add_argument("--layers", type=int, default=12, help="decoder layers (all MoE)")
+    g.add_argument("--heads", type=int, default=16, help="attention heads")
+    g.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    g.add_argument("--seq", type=int, default=2048, help="sequence length")
+    g.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
+    g.add_argument("--top-k", type=int, default=1, help="experts per token")
+    g.add_argument("--ffn", type=int, default=0, help="expert FFN width F (0 = sized by --target-params)")
+    g.add_argument("--target-params", type=float, default=1e9, help="total parameters each MoE case is sized to")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--megamoe-loop", default="deepspeed", choices=["deepspeed", "plain"],
                     help="megamoe through its DeepSpeed engine (default) or the baselines' plain AdamW loop")
     ap.add_argument("--no-megamoe", action="store_true",
                     help="skip megamoe (e.g. measure E=64 one implementation per process: each needs ~18 GB)")
-    ap.add_argument("--no-distributed", action="store_true", help="skip the 2-rank DeepSpeed EP=2 runs")
-    ap.add_argument("--output", default="results/bench_train", help="prefix for .json and .md")
+    ap.add_argument("--no-distributed", action="store_true", help="skip the 2-rank DeepSpeed EP=2 runs (CPU)")
+    ap.add_argument("--output", default=None,
+                    help="prefix for .json and .md (default results/bench_train, results/bench_train_cuda on CUDA)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.device == "cpu" else "cuda")
+    cuda = args.device == "cuda"
+    args.steps = args.steps or (10 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    zero_stage = args.zero_stage if args.zero_stage is not None else (2 if cuda else 0)
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
     import torch
+
+    import megamoe  # noqa: F401  (filters the known dependency warnings before DeepSpeed is imported)
+    from megamoe.train.report import measure_peak_flops
 
     if args.worker:
         distributed_worker(args)
         return 0
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    peak = matmul_peak(args.device, dtype)
-    print(f"matmul peak ({dtype}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    cases = {"gpu_1b": (GPU_1B, 8)} if args.gpu_1b else {c: CASES[c] for c in args.only.split(",")}
+    # CPU keeps its published denominator (2048^3 x 4, best of 3); CUDA uses the trainer's sizes.
+    peak = measure_peak_flops(precision, n=None if cuda else 2048, reps=None if cuda else 4, device=args.device)
+    print(f"matmul peak ({precision}, {args.device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    sized = (args.arch or ("flags" if cuda else "fixed")) == "flags"
+    only = (args.only or ("e8,e64" if sized else "demo,dense,e8")).split(",")
+    cases = gpu_cases(args, only) if sized else {c: CASES[c] for c in only}
+    backend = _expert_backend(args.device)
     rows = []
     for case, spec in cases.items():
         arch, experts = spec if spec else (None, 0)
-        run, seq, mbs = run_config(case, arch, experts)
-        if args.device == "cuda":
-            run.train.precision = "bf16"
+        run, seq, mbs = run_config(case, arch, experts, top_k=args.top_k if sized else 1, zero_stage=zero_stage,
+                                   precision=precision)
         fpt, counts = flops_per_token(run, seq)
         tokens = mbs * seq
-        row = {"case": case, "experts": run.moe.num_experts, "seq": seq, "micro_batch": mbs, **counts,
-               "flops_per_token": fpt}
+        row = {"case": case, "experts": run.moe.num_experts, "seq": seq, "micro_batch": mbs,
+               "hidden": run.model.hidden_size, "layers": run.model.num_layers, "ffn": run.model.ffn_hidden_size,
+               "top_k": run.moe.router.top_k if run.moe.num_experts else 0, "zero_stage": run.train.zero_stage,
+               "precision": run.train.precision, "expert_backend": backend if run.moe.num_experts else None,
+               **counts, "flops_per_token": fpt}
         ours = bench_megamoe_plain if args.megamoe_loop == "plain" else bench_megamoe
         for impl, fn in (("megamoe", None if args.no_megamoe else ours),
                          ("transformers", None if args.no_hf else bench_hf)):
@@ -268,12 +332,18 @@ def main(argv=None) -> int:
             dt = fn(run, seq, mbs, args.warmup, args.steps, args.device)
             row[f"{impl}_tokens_per_s"] = tokens / dt
             row[f"{impl}_mfu"] = fpt * tokens / dt / peak
+            if cuda:
+                row[f"{impl}_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
             print(f"{case:6s} {impl:12s} {tokens / dt:9.1f} tok/s  MFU {fpt * tokens / dt / peak:6.1%}", flush=True)
-        if not args.no_distributed and args.device == "cpu" and run.moe.num_experts and run.moe.num_experts <= 8:
+        if not args.no_distributed and not cuda and not sized and run.moe.num_experts and run.moe.num_experts <= 8:
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // 2)), DS_ACCELERATOR="cpu",
                        PYTHONPATH=str(ROOT))
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
-                   __file__, "--worker", case, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            from megamoe.parallel import free_port
+
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), __file__, "--worker", case, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup)]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode == 0 and line:
@@ -289,11 +359,12 @@ def main(argv=None) -> int:
         if "megamoe_tokens_per_s" in row and "transformers_tokens_per_s" in row:
             row["speedup_vs_transformers"] = row["megamoe_tokens_per_s"] / row["transformers_tokens_per_s"]
         rows.append(row)
-    result = {"device": args.device, "threads": args.threads, "megamoe_loop": args.megamoe_loop, "matmul_peak_flops": peak, "steps": args.steps,
-              "warmup": args.warmup, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                        time.gmtime()),
-              "rows": rows}
-    out = Path(args.output)
+    result = {"command": " ".join(["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
+              "device": args.device, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+              "threads": args.threads, "precision": precision, "megamoe_loop": args.megamoe_loop,
+              "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+    out = Path(args.output or ("results/bench_train_cuda" if cuda else "results/bench_train"))
     out.parent.mkdir(parents=True, exist_ok=True)
     from megamoe.utils import atomic_write_text
 
@@ -303,15 +374,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def _expert_backend(device: str) -> str | None:
+    """The expert kernel megamoe/moe/experts.py picks on this device (None if it has no choice)."""
+    try:
+        from megamoe.moe.experts import resolve_backend
+    except ImportError:
+        return None
+    import torch
+
+    return resolve_backend("auto", torch.device(device))
+
+
 def to_markdown(result: dict) -> str:
-    lines = [f"Peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result['device']}, {result['threads']} threads), "
+    lines = [f"`{result.get('command', 'python tools/bench_train.py')}`", "",
+             f"{result.get('precision', 'fp32')} matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
+             f"({result.get('device_name', result['device'])}, {result['threads']} threads) = the MFU denominator; "
              f"{result['steps']} timed steps after {result['warmup']} warm-up, {result['date']}.", "",
              "| model | total params | megamoe tok/s | MFU | transformers tok/s | MFU | speedup | DS EP=2 2-rank tok/s | overhead |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         def g(k, fmt):
             return fmt.format(r[k]) if k in r else "-"
-        lines.append(f"| {r['case']} (E={r['experts']}) | {r['total'] / 1e6:.1f} M | {g('megamoe_tokens_per_s', '{:.0f}')} | "
+        shape = f"E={r['experts']}" + (f", D={r['hidden']} L={r['layers']} F={r['ffn']}" if "hidden" in r else "")
+        lines.append(f"| {r['case']} ({shape}) | {r['total'] / 1e6:.1f} M | {g('megamoe_tokens_per_s', '{:.0f}')} | "
                      f"{g('megamoe_mfu', '{:.0%}')} | {g('transformers_tokens_per_s', '{:.0f}')} | "
                      f"{g('transformers_mfu', '{:.0%}')} | {g('speedup_vs_transformers', '{:.2f}x')} | "
                      f"{g('ds_ep2_2rank_tokens_per_s', '{:.0f}')} | {g('ds_ep2_overhead_vs_1proc', '{:+.0%}')} |")

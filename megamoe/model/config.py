@@ -137,7 +137,9 @@ class MPOConfig:
     max_bond_dim: int = 0  # 0 -> no truncation (exact)
     init: Literal["scratch", "upcycle"] = "scratch"
     upcycle_noise: float = 0.01  # relative noise on auxiliary tensors when upcycling
-    grad_mask: Literal["none", "bernoulli", "step", "freeze"] = "none"
+    # none | skip (the paper's rule: with prob p a step leaves the central tensors and their
+    # optimizer state untouched) | bernoulli (element-wise gradient mask) | freeze; see grad_mask.py
+    grad_mask: Literal["none", "skip", "bernoulli", "freeze"] = "none"
     grad_mask_p: float = 0.5
     grad_mask_seed: int = 4321
     central_lr_scale: float = 1.0  # separate LR for central tensors = lr * scale

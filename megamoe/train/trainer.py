@@ -111,9 +111,10 @@ def _loss_scale(optimizer) -> float:
 
 
 def _central_grad_mask(model, moe_cfg):
-    """MPO central-tensor gradient mask (megamoe/moe/grad_mask.py): hooks mask each rank's local
+    """MPO central-tensor update rule (megamoe/moe/grad_mask.py): hooks mask each rank's local
     gradient, which equals masking the reduced gradient (linear reduction, same mask on all
-    ranks). 'freeze' takes the central tensors out of the optimizer."""
+    ranks); 'skip' also keeps the central tensors' masters and optimizer state out of skipped
+    steps (``engine_step``). 'freeze' takes the central tensors out of the optimizer."""
     if not moe_cfg.num_experts or moe_cfg.mpo.grad_mask == "none":
         return None
     from megamoe.moe.grad_mask import CentralGradMask, is_central

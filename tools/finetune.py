@@ -114,9 +114,11 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
     claims = []
     for size in sizes:
         for label, a, b in CLAIMS:
-            a_list = a if isinstance(a, list) else [a]
-            if not all((x, size) in draws for x in a_list + [b]):
+            a_list = [x for x in (a if isinstance(a, list) else [a]) if (x, size) in draws]
+            if not a_list or (b, size) not in draws:
                 continue
+            if isinstance(a, list) and len(a_list) < len(a):  # say which arms the mean covers
+                label = f"{label.split(' (')[0]} (mean of {', '.join(LABELS.get(x, x) for x in a_list)})"
             da = np.mean([draws[(x, size)][1] for x in a_list], axis=0)
             diff = da - draws[(b, size)][1]
             lo, hi = np.percentile(diff, [2.5, 97.5])

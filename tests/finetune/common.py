@@ -20,7 +20,7 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(cfg).train()
 
 
-def native_checkpoint(out: Path, moe: bool = False) -> Path:
+def native_checkpoint(out: Path, moe: bool = False, vocab: int = V) -> Path:
     """A tiny random native megamoe checkpoint (model.safetensors + megamoe_config.yaml)."""
     from megamoe.hf.import_ import write_checkpoint
     from megamoe.model.config import ModelConfig, MoEConfig
@@ -28,7 +28,7 @@ def native_checkpoint(out: Path, moe: bool = False) -> Path:
     from megamoe.model.state_dict import gather_full_state_dict
 
     torch.manual_seed(0)
-    m = ModelConfig(vocab_size=V, hidden_size=D, num_layers=2, num_heads=2, ffn_hidden_size=32,
+    m = ModelConfig(vocab_size=vocab, hidden_size=D, num_layers=2, num_heads=2, ffn_hidden_size=32,
                     max_position_embeddings=16)
     e = MoEConfig(num_experts=2, layers=[1]) if moe else MoEConfig()
     model = build_model(m, e)

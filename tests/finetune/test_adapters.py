@@ -310,3 +310,18 @@ def test_config_errors():
         AdapterConfig(method="poly", temperature=0.5)
     with pytest.raises(ConfigError, match="temperature"):
         AdapterConfig(temperature=0)
+
+
+def test_no_import_cycle_between_adapter_modules():
+    """adapters.py, tensorpoly.py and mta.py import only the shared base module (and config);
+    the factory lives in inject.py alone."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[2] / "megamoe" / "finetune"
+    for name in ("adapters", "tensorpoly", "mta", "base"):
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        siblings = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("megamoe.finetune")}
+        assert siblings <= {"base", "config"} - {name}, (name, siblings)
+        assert "def build_adapter" not in (pkg / f"{name}.py").read_text()

@@ -16,7 +16,8 @@ Arms and why:
   arm's (the parameter-matched dense upper bound; E x the active FLOPs of those blocks).
 - ``switch_top1_prob``: Switch top-1 whose combine weight is the router probability (~1/E at init,
   which can hold a small Switch back); ``switch_top1_st``: the straight-through weight
-  p / p.detach() of value 1 (RUCAIBox/MPO SwitchFFN); ``switch_top2``: renormalised top-2.
+  p / p.detach() of value 1 (RUCAIBox/MPO SwitchFFN, megamoe's default); ``switch_top2``: top-2
+  renormalised over the two chosen (Mixtral).
   Dropped-token fractions are in the table so a weak Switch is explained, not assumed.
 - ``hash_balanced`` / ``hash_random``: the paper's two best hashes of the current token.
 - E=64 ablations: position (our control: expect it near dense), previous-token, bigram,
@@ -96,7 +97,7 @@ def arms() -> list[Arm]:
             Arm(f"dense_wide_E{E}", _wide(E), group=g, note=f"blocks 1,3: one FFN of width {E}x{F}"),
             Arm(f"switch_top1_prob_E{E}", _moe(E, False) + SWITCH + ["moe.router.combine=prob"], group=g),
             Arm(f"switch_top1_st_E{E}", _moe(E, False) + SWITCH + ["moe.router.combine=straight_through"], group=g),
-            Arm(f"switch_top2_E{E}", _moe(E, False) + SWITCH[1:] + ["moe.router.top_k=2"], group=g),
+            Arm(f"switch_top2_E{E}", _moe(E, False) + SWITCH[1:] + ["moe.router.top_k=2", "moe.router.combine=renormalize"], group=g),
             Arm(f"hash_balanced_E{E}", _hash(E, "balanced"), group=g),
             Arm(f"hash_random_E{E}", _hash(E, "random"), group=g),
         ]

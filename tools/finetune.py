@@ -49,7 +49,8 @@ QUICK_ARMS = "head,lora:rank=16,poly,cpoly,tensorpoly1,mta,mta_one"
 LABELS = {"lora:rank=16": "shared LoRA r=16 (Poly's size)", "cpoly:num_skills=0": "private LoRA per task (r=4)",
           "lora:rank=1": "LoRA r=1 (TensorPoly's size class)", "head": "head only", "poly": "Poly",
           "cpoly": "C-Poly", "tensorpoly1": "TensorPoly-I", "tensorpoly2": "TensorPoly-II",
-          "mta": "MTA two-stage", "mta_one": "MTA one-stage"}
+          "mta": "MTA two-stage", "mta_one": "MTA one-stage",
+          "tensorpoly1:tensor_init=zero": "TensorPoly-I, no-op init (tensor_init=zero)"}
 # (label, arm a, arm b or a list averaged): "a - b" with a paired bootstrap interval
 CLAIMS = [("modular > shared LoRA (mean of Poly, C-Poly, TensorPoly-I/II, MTA)",
            ["poly", "cpoly", "tensorpoly1", "tensorpoly2", "mta"], "lora:rank=16"),
@@ -155,6 +156,9 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['label']} | {r['seeds']} | **{r['avg']:.3f}** [{r['avg_ci'][0]:.3f}, {r['avg_ci'][1]:.3f}] | "
                          + " | ".join(f"{a:.3f}" for a in r["per_task"]) + f" | {r['adapter_params']:,} | {ent_s} |")
         lines.append("")
+    if res.get("majority_acc"):
+        lines += ["Majority class of each task's test set: " + ", ".join(
+            f"{t} {a:.3f}" for t, a in zip(tasks, res["majority_acc"])) + f" (average {sum(res['majority_acc']) / len(tasks):.3f}).", ""]
     if s["claims"]:
         lines += ["## The papers' claims (paired bootstrap, difference of task-average accuracy)", "",
                   "| claim | examples/task | difference | 95% CI | verdict |", "|---|---|---|---|---|"]
@@ -221,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--deepspeed", action="store_true", help="data parallel under DeepSpeed (launch with deepspeed/torchrun)")
     ap.add_argument("--quick", action="store_true",
                     help="a few minutes: arms " + QUICK_ARMS + ", size 100, seeds 0,1, 40 steps, 100 test examples")
+    ap.add_argument("--report", action="store_true",
+                    help="only rebuild OUT.* from the cached runs (missing runs are reported, not run)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
     if args.quick:
@@ -292,6 +298,8 @@ def main(argv=None):
            "tasks": tasks, "num_classes": num_classes, "sizes": sorted(sizes), "seeds": seeds, "arms": arms,
            "settings": settings, "routing_lr": adapter_cfg.routing_lr, "adapter_config": vars(adapter_cfg),
            "test_counts": [int((test.tasks == t).sum()) for t in range(len(tasks))],
+           "majority_acc": [float(torch.bincount(test.labels[test.tasks == t]).max()) / max(1, int((test.tasks == t).sum()))
+                            for t in range(len(tasks))],
            "note": ("CPU suite: a small pretrained base, frozen; the LoRA-family arms share alpha/r = 1/r. "
                     "A gap whose interval spans 0 is a tie. wiki_* and brown_* texts are in the pretraining "
                     "corpus (their labels are not).")}
@@ -301,6 +309,8 @@ def main(argv=None):
         f = _cache_file(cache, arm, size, seed)
         if f.exists() and not args.save:
             runs[(arm, size, seed)] = json.loads(f.read_text())
+            continue
+        if args.report:
             continue
         _, train, test = data(size, seed)
 

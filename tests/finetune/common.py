@@ -20,17 +20,22 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(cfg).train()
 
 
-def native_checkpoint(out: Path, moe: bool = False, vocab: int = V) -> Path:
-    """A tiny random native megamoe checkpoint (model.safetensors + megamoe_config.yaml)."""
+def native_checkpoint(out: Path, moe: bool | str = False, vocab: int = V) -> Path:
+    """A tiny random native megamoe checkpoint (model.safetensors + megamoe_config.yaml);
+    ``moe``: False (dense -> Llama export), True (top-1 Switch layer -> megamoe), "top2" (every
+    block a top-2 SwiGLU MoE -> Mixtral)."""
     from megamoe.hf.import_ import write_checkpoint
-    from megamoe.model.config import ModelConfig, MoEConfig
+    from megamoe.model.config import ModelConfig, MoEConfig, RouterConfig
     from megamoe.model.gpt import build_model
     from megamoe.model.state_dict import gather_full_state_dict
 
     torch.manual_seed(0)
     m = ModelConfig(vocab_size=vocab, hidden_size=D, num_layers=2, num_heads=2, ffn_hidden_size=32,
                     max_position_embeddings=16)
-    e = MoEConfig(num_experts=2, layers=[1]) if moe else MoEConfig()
+    if moe == "top2":
+        e = MoEConfig(num_experts=4, every=1, router=RouterConfig(top_k=2, combine="renormalize"))
+    else:
+        e = MoEConfig(num_experts=2, layers=[1]) if moe else MoEConfig()
     model = build_model(m, e)
     return write_checkpoint(out, m, e, gather_full_state_dict(model), source="test")
 

@@ -114,11 +114,13 @@ def test_mta_does_not_merge(exported):
         merge_adapters(inj, task=0)
 
 
-def test_megamoe_architecture_base_skips_experts(tmp_path):
-    """An MoE checkpoint exports to the megamoe architecture; expert projections are never adapted."""
-    ckpt_dir, hf_dir = _export(tmp_path, moe=True)
+@pytest.mark.parametrize("moe,arch", [(True, "Megamoe"), ("top2", "Mixtral")])
+def test_moe_bases_skip_experts(tmp_path, moe, arch):
+    """A Switch checkpoint exports to the megamoe architecture, a top-2 SwiGLU one to Mixtral;
+    expert projections are never adapted."""
+    ckpt_dir, hf_dir = _export(tmp_path, moe=moe)
     base = load_base(ckpt_dir)
-    assert "Megamoe" in base.description
+    assert arch in base.description
     model = base.build()
     inject_adapters(model, AdapterConfig(method="lora", target_modules=["all"]))
     names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -5,8 +5,9 @@
     python tools/evaluate.py --checkpoint CKPT --data-prefix data/other_text_document --split all
     python tools/evaluate.py --checkpoint CKPT --text-file notes.txt
 
-Runs in one process whatever layout trained the checkpoint: it reads the checkpoint's
-``model.safetensors`` (canonical full state dict) and ``megamoe_config.yaml``. Prints and
+Runs in one process whatever layout trained the checkpoint: it reads the checkpoint's canonical
+shards (fp32 masters; megamoe/hf/checkpoint_reader.py) or a canonical ``model.safetensors``, and
+``megamoe_config.yaml``. Prints and
 writes ``eval.json`` (loss, perplexity, the perplexity of the best unigram model of the same
 tokens, per-layer tokens per expert) and ``expert_load.png`` into ``--output``.
 
@@ -29,13 +30,8 @@ from megamoe.errors import UserError, cli_main  # noqa: E402
 
 
 def resolve_checkpoint(path: str) -> Path:
-    p = Path(path)
-    if (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
-    if not (p / "model.safetensors").is_file() or not (p / "megamoe_config.yaml").is_file():
-        raise UserError(f"{p} is not a complete megamoe checkpoint (needs model.safetensors and megamoe_config.yaml; "
-                        "was it saved with train.save_full_model=false?)")
-    return p
+    """The checkpoint directory (a save_dir's ``latest`` tag, a global_stepN, or a canonical dir)."""
+    from megamoe.hf.checkpoint_reader import resolve
 
 
 def _text_batches(path: str, tokenizer: str, seq: int, mbs: int, max_batches: int):
@@ -105,8 +101,6 @@ def plot_expert_load(loads: dict, out: Path) -> None:
 def evaluate_checkpoint(ckpt: Path, split: str = "valid", data_prefix: str | None = None, text_file: str | None = None,
                         micro_batch_size: int = 8, max_batches: int = 50) -> dict:
     import torch
-    from safetensors.torch import load_file
-
     from megamoe import parallel
     from megamoe.config import from_dict
     from megamoe.model.gpt import build_model
@@ -124,7 +118,10 @@ def evaluate_checkpoint(ckpt: Path, split: str = "valid", data_prefix: str | Non
         run.data.tokenizer_model = run.data.tokenizer_model  # keep; metadata check still applies
     parallel.init_parallel(run.parallel)
     model = build_model(run.model, run.moe, run.parallel)
-    load_full_state_dict(model, load_file(str(ckpt / "model.safetensors")))
+    from megamoe.hf.checkpoint_reader import open_canonical
+
+    with open_canonical(ckpt) as sd:  # one tensor at a time: the fp32 masters of any layout
+        load_full_state_dict(model, sd)
     model.eval()
     if text_file:
         tok = run.data.tokenizer_model

@@ -67,7 +67,8 @@ class Block(torch.nn.Module):
     (``self.mlp``) or an MoE layer (``self.moe``); the attribute names are the canonical ones.
     ``enter``/``leave`` are the sequence-parallel gather/split (identity without SP)."""
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, index: int, mp, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, index: int, mp, sequence_parallel: bool,
+                 build_tables: bool = True):
         super().__init__()
         self.attn_norm = build_norm(cfg)
         self.attn = Attention(cfg, mp)
@@ -76,7 +77,7 @@ class Block(torch.nn.Module):
         if index in moe_cfg.moe_layer_indices(cfg.num_layers):
             from megamoe.moe.layer import MoELayer
 
-            self.moe = MoELayer(cfg, moe_cfg, index)
+            self.moe = MoELayer(cfg, moe_cfg, index, build_tables=build_tables)
         else:
             self.mlp = MLP(cfg, mp)
         self._enter, self._leave = sequence_parallel_fns(sequence_parallel)
@@ -91,7 +92,8 @@ class Block(torch.nn.Module):
 
 
 class GPT(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, sequence_parallel: bool = False,
+                 build_tables: bool = True):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
         mp = mp_config()
@@ -103,7 +105,8 @@ class GPT(torch.nn.Module):
             self.pos_embed = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
             torch.nn.init.normal_(self.pos_embed.weight, std=cfg.init_std)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.position_embedding == "rope" else None
-        self.layers = torch.nn.ModuleList(Block(cfg, moe_cfg, i, mp, sequence_parallel) for i in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(Block(cfg, moe_cfg, i, mp, sequence_parallel, build_tables)
+                                          for i in range(cfg.num_layers))
         self.final_norm = build_norm(cfg)
         self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                             init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
@@ -174,12 +177,15 @@ class GPT(torch.nn.Module):
 
 
 def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig | None = None,
-                parallel_cfg: ParallelConfig | None = None) -> GPT:
+                parallel_cfg: ParallelConfig | None = None, build_tables: bool = True) -> GPT:
     """Build the decoder for the current process groups (a world of one if none were set up).
 
     Seed torch identically on every rank before calling: megatron-core's CPU init draws each
     full weight from the global RNG and keeps this rank's slice. ``parallel_cfg`` is only read
-    for ``sequence_parallel``; the TP/EP sizes come from the initialised groups."""
+    for ``sequence_parallel``; the TP/EP sizes come from the initialised groups.
+    ``build_tables=False`` leaves hash tables zero (no counts/embedding/table files are read):
+    for a resume, which loads them from the checkpoint."""
     ensure_parallel()
     moe_cfg = moe_cfg or MoEConfig()
-    return GPT(model_cfg, moe_cfg, sequence_parallel=bool(parallel_cfg and parallel_cfg.sequence_parallel))
+    return GPT(model_cfg, moe_cfg, sequence_parallel=bool(parallel_cfg and parallel_cfg.sequence_parallel),
+               build_tables=build_tables)

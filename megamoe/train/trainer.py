@@ -148,8 +148,9 @@ class Trainer:
         valid_samples = t.eval_iters * t.micro_batch_size * dp
         self.train_ds, self.valid_ds, _ = build_datasets(
             run.data, t.train_steps * t.global_batch_size, valid_samples, 0, model_vocab_size=run.model.vocab_size)
-        model = build_model(run.model, run.moe, run.parallel)
         self.load_dir = ckpt.resolve_load_dir(t.load, t.save_dir)
+        # a resume takes hash tables (and every other tensor) from the checkpoint, not from files
+        model = build_model(run.model, run.moe, run.parallel, build_tables=not self.load_dir)
         if t.init_from and not self.load_dir:
             load_weights(model, t.init_from)
         self.grad_mask = _central_grad_mask(model, run.moe)

@@ -97,10 +97,38 @@ def _damaged(path, what: str) -> CheckpointDamaged:
                              "copy the file again if it came from elsewhere")
 
 
-def open_safetensors(path: Path, expected_size: int | None = None):
-    """``safe_open`` with every failure turned into :class:`CheckpointDamaged` naming the file."""
-    from safetensors import safe_open
+class SafetensorsFile:
+    """Read tensors of a safetensors file one at a time with plain reads (no mmap: pages of a
+    mapped file would count as resident memory of the reader, all of them by the end)."""
 
+    def __init__(self, path: Path, header: dict, data_start: int):
+        self.path, self.header, self.data_start = path, header, data_start
+
+    def keys(self):
+        return [k for k in self.header if k != "__metadata__"]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        h = self.header[name]
+        a, b = h["data_offsets"]
+        dtype = {v: k for k, v in _ST_DTYPES.items()}[h["dtype"]]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + a)
+            buf = bytearray(f.read(b - a))
+        if len(buf) != b - a:
+            raise _damaged(self.path, f"tensor {name} is cut short")
+        t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        return t.view(dtype).view(h["shape"]) if h["shape"] else t.view(dtype).reshape(())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def open_safetensors(path: Path, expected_size: int | None = None) -> SafetensorsFile:
+    """Parse and check a safetensors header; every failure becomes :class:`CheckpointDamaged`
+    naming the file."""
     path = Path(path)
     if not path.is_file():
         raise _damaged(path, "file missing")
@@ -110,14 +138,16 @@ def open_safetensors(path: Path, expected_size: int | None = None):
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
         end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
         if 8 + n + end != size:
             raise ValueError(f"{size} bytes, its header describes {8 + n + end}: truncated?")
-        return safe_open(str(path), framework="pt")
+        return SafetensorsFile(path, header, 8 + n)
     except CheckpointDamaged:
         raise
-    except Exception as e:  # struct / json / safetensors errors of a damaged file
+    except Exception as e:  # struct / json errors of a damaged file
         raise _damaged(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
 
 
@@ -185,16 +215,18 @@ class CheckpointReader:
     def full(self, key: str, state: str = "weight") -> torch.Tensor:
         meta = self.meta[key]
         shape, dtype = meta["shape"], _NAMES[meta["dtype"]] if state == "weight" else torch.float32
+        entries = self.entries.get((key, state), [])
+        numel = int(torch.Size(shape).numel())
+        if len(entries) == 1:  # one piece holds the whole tensor in order: no assembly buffers
+            fi, t = entries[0]
+            whole = all(len(r) == 1 and r[0] == [0, n] for r, n in zip(t["box"], shape))
+            if whole and t["range"] == [0, numel] and list(t["perm"]) in ([], list(range(len(shape)))):
+                return self._read(fi, t, key, state).to(dtype).view(shape)
         out = torch.zeros(shape, dtype=dtype)
         covered = torch.zeros(shape, dtype=torch.bool)
         boxes: dict = {}
-        for fi, t in self.entries.get((key, state), []):
-            try:
-                data = self._handle(fi).get_tensor(t["name"])
-            except Exception as e:
-                raise _damaged(self.files[fi], f"tensor {t['name']}: {e}") from None
-            if zlib.crc32(_bytes(data)) != t["crc32"]:
-                raise _damaged(self.files[fi], f"checksum of {key} ({state}) does not match")
+        for fi, t in entries:
+            data = self._read(fi, t, key, state)
             box = tuple(tuple(tuple(r) for r in runs) for runs in t["box"])
             perm = tuple(t["perm"]) or tuple(range(len(shape)))
             bk = (box, perm)
@@ -225,6 +257,17 @@ class CheckpointReader:
             raise _damaged(self.dir / SHARD_DIR, f"{missing} of {covered.numel()} elements of {key} ({state}) are in "
                                                  "no shard: a rank's shard file is missing")
         return out
+
+    def _read(self, fi: int, t: dict, key: str, state: str) -> torch.Tensor:
+        try:
+            data = self._handle(fi).get_tensor(t["name"])
+        except CheckpointDamaged:
+            raise
+        except Exception as e:
+            raise _damaged(self.files[fi], f"tensor {t['name']}: {e}") from None
+        if zlib.crc32(_bytes(data)) != t["crc32"]:
+            raise _damaged(self.files[fi], f"checksum of {key} ({state}) does not match")
+        return data
 
     def state_dict(self, state: str = "weight", fallback: str | None = "weight"):
         """Lazy ``{key: full tensor}`` of ``state``; keys without it (buffers have no moments)

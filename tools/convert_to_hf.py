@@ -5,8 +5,8 @@
     python tools/convert_to_hf.py --checkpoint runs/demo/checkpoints --tag global_step200 \\
         --output hf/demo-bf16 --dtype bf16 --target auto
 
-Reads any TP/EP/DP layout and ZeRO stage (the checkpoint's canonical model.safetensors; fp32
-masters when training ran in bf16/fp16 at TP=EP=1). Dense Llama-style models become
+Reads any TP/EP/DP layout and ZeRO stage: the fp32 master weights, experts included, from the
+checkpoint's canonical shards (megamoe/train/universal.py). Dense Llama-style models become
 LlamaForCausalLM, learned top-k (k>=2) SwiGLU MoE models MixtralForCausalLM, everything else the
 custom ``megamoe`` architecture (code shipped in the export, trust_remote_code=True). The export
 appears atomically; an output directory holding a different model is refused without --overwrite.
@@ -34,24 +34,25 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="auto", choices=["auto", "llama", "mixtral", "megamoe"],
                    help="architecture; auto = the stock one that computes exactly the same, else megamoe")
     p.add_argument("--tokenizer", default=None,
-                   help="SentencePiece .model to export (default: data.tokenizer_model of the run config)")
+                   help="SentencePiece .model to export (default: data.tokenizer_model of the run config, else "
+                        "the tokenizer its datasets' PREFIX.json metadata records)")
     p.add_argument("--no-tokenizer", action="store_true", help="export without tokenizer files")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (e.g. 2GB, 500MB)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory holding another model")
     args = p.parse_args(argv)
 
     from megamoe.hf.export import export_model
-    from megamoe.hf.checkpoint_reader import load_checkpoint, model_configs
+    from megamoe.hf.checkpoint_reader import load_checkpoint, model_configs, tokenizer_of
 
     ckpt = load_checkpoint(args.checkpoint, args.tag)
     model_cfg, moe_cfg = model_configs(ckpt.config)
     tokenizer = None
     if not args.no_tokenizer:
-        tokenizer = args.tokenizer or (ckpt.config.get("data") or {}).get("tokenizer_model")
+        tokenizer = args.tokenizer or tokenizer_of(ckpt.config)
         if not tokenizer:
-            raise UserError("no tokenizer: the run config has no data.tokenizer_model; pass --tokenizer FILE.model "
-                            "or --no-tokenizer")
-        if not Path(tokenizer).is_file():
+            raise UserError("no tokenizer: the run config has no data.tokenizer_model and its datasets record none "
+                            "(PREFIX.json); pass --tokenizer FILE.model or --no-tokenizer")
+        if not Path(tokenizer).is_file():  # relative paths are relative to the working directory
             raise UserError(f"tokenizer {tokenizer} not found; pass --tokenizer FILE.model or --no-tokenizer")
     export_model(ckpt.state_dict, model_cfg, moe_cfg, args.output, target=args.target, dtype=args.dtype,
                  tokenizer_model=tokenizer, info=ckpt.info, overwrite=args.overwrite,

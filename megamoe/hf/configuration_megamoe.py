@@ -28,7 +28,7 @@ class MegamoeConfig(PretrainedConfig):
         intermediate_size: int = 688,
         expert_intermediate_size: int | None = None,
         activation: str = "swiglu",  # "swiglu" | "gelu"
-        gelu_approximate: str = "none",  # dense FFN: torch.nn.functional.gelu(approximate=...)
+        gelu_approximate: str = "tanh",  # dense FFN: torch.nn.functional.gelu(approximate=...), as native
         expert_gelu_approximate: str = "tanh",  # FFN / MPO experts
         norm: str = "rmsnorm",  # "rmsnorm" | "layernorm"
         norm_eps: float = 1e-5,

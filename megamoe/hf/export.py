@@ -4,7 +4,9 @@ Steps: pick the target (stock Llama / Mixtral when exact, else ``megamoe``) -> b
 config -> rename tensors through the declarative table (every tensor must map) -> cast ->
 write config.json, generation_config.json, safetensors (sharded with an index above
 ``max_shard_size``, by huggingface_hub's splitter), tokenizer, custom code (megamoe type only),
-README.md model card and ``megamoe_export.json`` (provenance + a fingerprint of the tensors).
+README.md model card and ``megamoe_export.json`` (provenance, a sha256 per tensor, experts
+included, and a fingerprint over them; :func:`verify_export` checks them when megamoe reads an
+export back, e.g. tools/convert_from_hf.py).
 
 Everything is written into a temporary sibling directory renamed onto the output only at the
 end (:func:`megamoe.utils.atomic_path`): a failure leaves no half-written export. An output
@@ -32,13 +34,44 @@ MARKER = "megamoe_export.json"
 CODE_FILES = ("configuration_megamoe.py", "modeling_megamoe.py")
 
 
-def fingerprint(sd: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    return hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"").hexdigest()
+
+
+def checksums(sd: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per tensor: sha256 of its bytes, dtype, shape (recorded in megamoe_export.json)."""
+    return {k: {"sha256": tensor_sha256(v), "dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+            for k, v in sorted(sd.items())}
+
+
+def fingerprint(sd: dict[str, torch.Tensor], sums: dict | None = None) -> str:
+    sums = sums or checksums(sd)
+    return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
+
+
+def verify_export(path: str | Path, sd: dict[str, torch.Tensor]) -> None:
+    """Check the tensors read from an export against its ``megamoe_export.json`` checksums:
+    a missing, extra or altered tensor (an expert dropped or edited) is a UserError naming it.
+    Exports without checksums (not written by megamoe) pass unchecked."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return
+    try:
+        want = json.loads(marker.read_text()).get("tensors")
+    except ValueError as e:
+        raise UserError(f"{marker} is not valid JSON ({e}); re-export the model") from None
+    if not want:
+        return
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or extra:
+        raise UserError(f"{path} does not hold the tensors {MARKER} lists: missing {missing[:5]}"
+                        f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}; the export is incomplete or "
+                        "was edited: re-export it with tools/convert_to_hf.py")
+    for k in sorted(want):
+        if tensor_sha256(sd[k]) != want[k]["sha256"]:
+            raise UserError(f"{path}: tensor {k} does not match its checksum in {MARKER} (altered or damaged); "
+                            "re-export the model with tools/convert_to_hf.py")
 
 
 def _check_output(output: Path, fp: str, overwrite: bool) -> bool:
@@ -120,7 +153,8 @@ def export_model(sd: dict[str, torch.Tensor], model_cfg: ModelConfig, moe_cfg: M
     hf_sd = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
              for k, v in mapping.to_hf(sd, arch).items()}
     verify_shapes(arch, hf_cfg, hf_sd)
-    fp = fingerprint(hf_sd)
+    sums = checksums(hf_sd)
+    fp = fingerprint(hf_sd, sums)
     if _check_output(output, fp, overwrite):
         print0(f"{output} already holds this export (same tensors); nothing to do")
         return output
@@ -139,7 +173,7 @@ def export_model(sd: dict[str, torch.Tensor], model_cfg: ModelConfig, moe_cfg: M
             save_tokenizer(tokenizer_model, tmp)
         (tmp / "README.md").write_text(model_card(arch, model_cfg, moe_cfg, dtype, info, tokenizer_model))
         (tmp / MARKER).write_text(json.dumps({"fingerprint": fp, "target": arch, "dtype": dtype,
-                                              **{k: v for k, v in info.items() if _jsonable(v)}},
+                                              **{k: v for k, v in info.items() if _jsonable(v)}, "tensors": sums},
                                              indent=2, sort_keys=True) + "\n")
     print0(f"exported {arch} model ({len(hf_sd)} tensors, {dtype}) to {output}")
     return output

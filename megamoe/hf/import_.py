@@ -56,7 +56,14 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for f in progress(files, desc="reading shards", unit="file"):
         if not (path / f).is_file():
             raise UserError(f"{path / f} listed in {index.name} is missing: incomplete download")
-        sd.update(load_file(str(path / f)))
+        try:
+            sd.update(load_file(str(path / f)))
+        except Exception as e:  # safetensors' own error types for a damaged file
+            raise UserError(f"{path / f} is not a readable safetensors file ({str(e)[:200]}); the download or "
+                            "export is damaged: fetch or export it again") from None
+    from megamoe.hf.export import verify_export
+
+    verify_export(path, sd)
     return cfg, sd
 
 

@@ -34,17 +34,40 @@ def resolve_checkpoint(path: str) -> Path:
     from megamoe.hf.checkpoint_reader import resolve
 
 
-def _text_batches(path: str, tokenizer: str, seq: int, mbs: int, max_batches: int):
+def read_text_file(path: str, skip_invalid: bool = False, what: str = "--text-file") -> str:
+    """The file's text under the data pipeline's rules (megamoe/data/preprocess.py): invalid
+    UTF-8 is an error naming the byte offset and line, unless ``skip_invalid`` drops the lines
+    that do not decode (and says how many)."""
+    from megamoe.data.inputs import first_invalid_utf8
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {path} not found")
+    bad = first_invalid_utf8(p)
+    if bad is None:
+        return p.read_text(encoding="utf-8")
+    if not skip_invalid:
+        raise UserError(f"{what} {path}: invalid UTF-8 at byte offset {bad[0]} (line {bad[1]}); is it a text "
+                        "file? Re-encode it as UTF-8, or pass --skip-invalid to drop such lines")
+    kept, dropped = [], 0
+    for line in p.read_bytes().split(b"\n"):
+        try:
+            kept.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            dropped += 1
+    print(f"warning: {what} {path}: skipped {dropped} line(s) that are not valid UTF-8", file=sys.stderr)
+    return "\n".join(kept)
+
+
+def _text_batches(path: str, tokenizer: str, seq: int, mbs: int, max_batches: int, skip_invalid: bool = False):
     import torch
 
     from megamoe.data.tokenizer import load_sentencepiece
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--text-file {path} not found")
+    text = read_text_file(path, skip_invalid)
     sp = load_sentencepiece(tokenizer)
     ids = []
-    for line in p.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+    for line in text.split("\n\n"):
         if line.strip():
             ids += sp.encode(line.strip()) + [sp.eos_id()]
     n = (len(ids) - 1) // seq
@@ -99,7 +122,7 @@ def plot_expert_load(loads: dict, out: Path) -> None:
 
 
 def evaluate_checkpoint(ckpt: Path, split: str = "valid", data_prefix: str | None = None, text_file: str | None = None,
-                        micro_batch_size: int = 8, max_batches: int = 50) -> dict:
+                        micro_batch_size: int = 8, max_batches: int = 50, skip_invalid: bool = False) -> dict:
     import torch
     from megamoe import parallel
     from megamoe.config import from_dict
@@ -133,7 +156,7 @@ def evaluate_checkpoint(ckpt: Path, split: str = "valid", data_prefix: str | Non
             if meta is None:
                 raise UserError("no tokenizer known: the run had no data.tokenizer_model and no dataset metadata")
             tok = str(tokenizer_path_from_meta(prefix, meta))
-        batches = _text_batches(text_file, tok, run.data.seq_length, micro_batch_size, max_batches)
+        batches = _text_batches(text_file, tok, run.data.seq_length, micro_batch_size, max_batches, skip_invalid)
         source = text_file
     else:
         batches = _dataset_batches(run, split, micro_batch_size, max_batches)
@@ -184,15 +207,19 @@ def main(argv=None) -> int:
                     help="split of the indexed dataset (the run's data.split shares; 'all' = the whole dataset)")
     ap.add_argument("--data-prefix", default=None, help="evaluate another indexed dataset (PREFIX without .bin/.idx)")
     ap.add_argument("--text-file", default=None, help="evaluate a plain text file (paragraphs separated by blank lines)")
+    ap.add_argument("--skip-invalid", action="store_true",
+                    help="--text-file: drop lines that are not valid UTF-8 (default: refuse the file)")
     ap.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
     ap.add_argument("--max-batches", type=int, default=50, help="evaluate at most this many batches")
     ap.add_argument("--output", default=None, help="directory for eval.json and expert_load.png (default: checkpoint dir/eval)")
     args = ap.parse_args(argv)
     if args.data_prefix and args.text_file:
         raise UserError("pass either --data-prefix or --text-file, not both")
+    if args.text_file and not args.skip_invalid:  # refuse a non-text file before loading any model
+        read_text_file(args.text_file)
     ckpt = resolve_checkpoint(args.checkpoint)
     res = evaluate_checkpoint(ckpt, args.split, args.data_prefix, args.text_file, args.micro_batch_size,
-                              args.max_batches)
+                              args.max_batches, args.skip_invalid)
     out = Path(args.output) if args.output else ckpt / "eval"
     out.mkdir(parents=True, exist_ok=True)
     from megamoe.utils import atomic_write_text

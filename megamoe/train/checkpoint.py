@@ -19,8 +19,13 @@ Layout of ``save_dir``::
 Resume under another layout (TP, EP, DP size, ZeRO stage 0-3): every rank rebuilds its local
 tensors from the canonical ones with the model's own ``load_full`` (one canonical tensor at a
 time), then sets its optimizer fragments (megamoe/train/fragments.py). DeepSpeed's
-``save_checkpoint`` / ``load_checkpoint`` are not used; why DeepSpeed's universal checkpoint does
-not fit is in universal.py's docstring.
+``save_checkpoint`` / ``load_checkpoint`` are not used. Which format and why: megamoe's own
+canonical per-parameter format, because DeepSpeed's universal checkpoint (``ds_to_universal`` /
+``load_universal_checkpoint``) cannot express expert parallelism (DeepSpeed #5716) nor megamoe's
+stacked / transposed expert tensors, and ``torch.distributed.checkpoint`` would need DTensor
+placements for DeepSpeed's flat ZeRO partitions (details in universal.py's docstring). The
+per-parameter fp32 masters and moments are DeepSpeed's own (``_hp_mapping``, as read by
+``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``), without their all-reduce.
 
 Scaling: no rank gathers anything. Each rank writes only its own ZeRO fragments of its own
 TP/EP shards (replicas, e.g. a norm weight on every TP rank, are written once: the lowest rank

@@ -89,22 +89,20 @@ def test_exact_resume_ep2(layout_runs, tiny_moe, tmp_path):
 
 def test_resume_with_other_dp_size(layout_runs, tiny_moe, tmp_path):
     """Resume the DP=2 run's step-5 checkpoint in ONE process: the data order continues (same
-    global batches, same consumed samples). Step 6's loss (weights after step 5, batch 6) matches
-    the uninterrupted DP=2 run within 1e-5; later steps differ a little because DeepSpeed can not
-    repartition ZeRO optimizer states across DP sizes (AdamW moments restart, with a warning)."""
+    global batches, same consumed samples) and, with the AdamW moments carried over
+    (megamoe/train/universal.py), steps 6..10 match the uninterrupted DP=2 run within 1e-5."""
     cfg, _ = tiny_moe
     run_dir, ref = layout_runs["dp2"]
     ckpt = _resume_from_step5(run_dir, tmp_path)
     rc, log = launch(cfg, 1, [f"train.save_dir={ckpt}", f"train.log_dir={tmp_path}/logs", "train.load=auto"],
                      launcher="python")
     assert rc == 0, log[-3000:]
-    assert "AdamW moments restart" in log
     resumed = _train(read_metrics(tmp_path / "logs"))
     assert [r["step"] for r in resumed] == list(range(6, 11))
-    assert math.isclose(ref[5]["loss"], resumed[0]["loss"], rel_tol=1e-5), (ref[5]["loss"], resumed[0]["loss"])
     for a, b in zip(ref[5:], resumed):
         assert a["consumed_samples"] == b["consumed_samples"]
-        assert abs(a["loss"] - b["loss"]) < 0.05
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), (a["step"], key, a[key], b[key])
 
 
 def test_evaluate_tool_reloads_ep2_checkpoint_in_one_process(layout_runs, tmp_path):

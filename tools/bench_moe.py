@@ -1,13 +1,26 @@
 #!/usr/bin/env python
 """Benchmark: fwd+bwd time of megamoe's MoE layers against a dense FFN of equal active FLOPs,
-deepspeed.moe.layer.MoE and transformers' MixtralSparseMoeBlock, in ONE process.
+deepspeed.moe.layer.MoE and transformers' MixtralSparseMoeBlock, side by side in ONE process.
 
 Every layer uses SwiGLU experts of width F (Mixtral's kind), top-1 routing (capacity 1.25
 where the implementation drops), so all have the same active FLOPs as the dense SwiGLU FFN.
-Writes results/bench_moe.json and results/bench_moe.md and prints the command line.
+For each (E, T) case, one round visits every implementation once (interleaved, so load from
+other processes hits all alike); the best round is reported, the median is in the JSON.
 
-    python tools/bench_moe.py            # E=8 and 64, T=4096, D=512, F=2048, fp32, 2 threads
-    python tools/bench_moe.py --quick    # T=1024, fewer repeats (a smoke run)
+Also measured, in the same rounds:
+- both expert backends on the same layer (``loop``: one matmul per expert on views of the
+  stacked weights; ``grouped_mm``: ``torch._grouped_mm``), and which one ``auto`` picks here;
+- a memory bandwidth (a large tensor copy) and from it the memory-traffic bound of the E=64
+  experts at T=4096: the bytes they must move (weights read in forward and in backward,
+  weight gradients written) over that bandwidth, beside the compute floor (the dense FFN:
+  same FLOPs) and the layer's ratio to each;
+- MPO: the time of contracting the chains alone, by the chosen tree and by every tree.
+Where a goal of issue 8 is missed, a profile of our layer (top ops by self time) is written.
+Writes results/bench_moe.json and results/bench_moe.md with the command line.
+
+    python tools/bench_moe.py --threads 2     # E=8, 64 x T=4096, 16384; D=512, F=2048, fp32 CPU
+    python tools/bench_moe.py --quick         # a smoke run at tiny sizes (tests run it)
+    python tools/bench_moe.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -19,17 +32,19 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megamoe.errors import cli_main
 from megamoe.model.config import HashConfig, ModelConfig, MoEConfig, MPOConfig, RouterConfig
+from megamoe.moe import mpo as mpo_mod
+from megamoe.moe.experts import resolve_backend
 from megamoe.moe.hashing import RoutingContext
 from megamoe.moe.layer import MoELayer
 from megamoe.utils import atomic_write_text, progress
+
+SWITCH = "megamoe Switch top-1"
 
 
 class SwiGLU(nn.Module):
@@ -52,62 +67,105 @@ def zero_grads(mod: nn.Module) -> None:
         p.grad = None  # what trainers do (set_to_none): no accumulation pass over E x |W|
 
 
-def time_round_robin(runs: dict, reps: int, budget_s: float) -> dict[str, list[float]]:
-    """One warm-up each, then ``reps`` rounds visiting every implementation once per round, so
-    load from other processes hits all of them alike. A case stops after ``budget_s``."""
-    times = {name: [] for name in runs}
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(runs: dict, reps: int, budget_s: float, device) -> dict[str, tuple[list[float], list[float]]]:
+    """One warm-up each, then ``reps`` rounds visiting every implementation once per round. A
+    case stops repeating after ``budget_s`` seconds in total; a case whose warm-up alone takes
+    longer is reported from that one (cold, pessimistic) run. -> {name: (wall s, CPU s)}: the
+    process CPU time is kept beside the wall time because on a shared, loaded machine the wall
+    time also counts the time this process waited for a core."""
+    times = {name: ([], []) for name in runs}
     for name, (mod, run) in runs.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
-        warm = time.perf_counter() - t0
+        _sync(device)
+        warm, cpu = time.perf_counter() - t0, time.process_time() - c0
         zero_grads(mod)
-        if warm > budget_s:  # very slow case: its warm-up run is its only (pessimistic) sample
-            times[name].append(warm)
-    for _ in progress(range(reps), desc="rounds"):
+        if warm > budget_s:
+            times[name][0].append(warm)
+            times[name][1].append(cpu)
+    for _ in progress(range(reps), desc="rounds", leave=False):
         for name, (mod, run) in runs.items():
-            if sum(times[name]) > budget_s and times[name]:
+            if times[name][0] and sum(times[name][0]) > budget_s:
                 continue
-            t0 = time.perf_counter()
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - t0)
+            _sync(device)
+            times[name][0].append(time.perf_counter() - t0)
+            times[name][1].append(time.process_time() - c0)
             zero_grads(mod)
     return times
 
 
-def make_runs(E, T, D, F_, V, mpo_bond):
+def switch_name(backend: str, auto: str) -> str:
+    return f"{SWITCH} [{backend}]" + (" (auto)" if backend == auto else "")
+
+
+def mpo_name(bond: int) -> str:
+    return f"megamoe MPO (bond {bond or 'exact'})"
+
+
+def make_runs(E, T, D, F_, V, mpo_bonds, device, dtype, baselines=True):
     torch.manual_seed(0)
-    x = torch.randn(T, D)
-    dy = torch.randn(T, D)
-    ids = torch.randint(0, V, (1, T))
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    dy = torch.randn(T, D, device=device, dtype=dtype)
+    ids = torch.randint(0, V, (1, T), device=device)
     mc = ModelConfig(vocab_size=V, hidden_size=D, ffn_hidden_size=F_, num_heads=8)
     rc = RouterConfig(top_k=1, capacity_factor=1.25)
-    runs = {}
+    runs, layers = {}, {}
 
-    def ours(moe):
-        layer = MoELayer(mc, moe, 0).train()
+    def ours(moe, backend=None, layer=None):
+        layer = layer or MoELayer(mc, moe, 0).to(device=device, dtype=dtype).train()
         ctx = RoutingContext(token_ids=ids)
 
         def run():
+            if backend:
+                layer.experts.backend = backend
             xi = x.view(1, T, D).clone().requires_grad_()
             y, st = layer(xi, ctx)
             ((y.view(T, D) * dy).sum() + st.weighted_loss).backward()
         return layer, run
 
-    dense = SwiGLU(D, F_)
+    dense = SwiGLU(D, F_).to(device=device, dtype=dtype)
 
     def run_dense():
         xi = x.clone().requires_grad_()
         (dense(xi) * dy).sum().backward()
     runs["dense FFN"] = (dense, run_dense)
-    runs["megamoe Switch top-1"] = ours(MoEConfig(num_experts=E, every=1, router=rc))
-    runs["megamoe hash (random)"] = ours(MoEConfig(num_experts=E, hash_layers=[0], hash=HashConfig(variant="random")))
-    runs[f"megamoe MPO (bond {mpo_bond or 'exact'})"] = ours(
-        MoEConfig(num_experts=E, every=1, router=rc, expert_type="mpo", mpo=MPOConfig(max_bond_dim=mpo_bond)))
+
+    # memory bandwidth, measured in the same rounds: one copy of >= 256 MiB (read + write)
+    n_bw = 64 * 2**20
+    src, dst = torch.randn(n_bw, device=device), torch.empty(n_bw, device=device)
+    runs["memory copy (bandwidth)"] = (nn.Module(), lambda: dst.copy_(src))
+
+    sw_layer, _ = ours(MoEConfig(num_experts=E, every=1, router=rc))
+    layers["switch"] = sw_layer
+    auto = resolve_backend("auto", device)
+    for backend in ("loop", "grouped_mm"):  # the same layer forced to each backend
+        runs[switch_name(backend, auto)] = ours(None, backend, sw_layer)
+    if baselines:
+        runs["megamoe hash (random)"] = ours(MoEConfig(num_experts=E, hash_layers=[0], hash=HashConfig(variant="random")))
+    for bond in mpo_bonds:
+        mpo_layer, mpo_run = ours(MoEConfig(num_experts=E, every=1, router=rc, expert_type="mpo",
+                                            mpo=MPOConfig(max_bond_dim=bond)))
+        layers.setdefault("mpo", mpo_layer)
+        runs[mpo_name(bond)] = (mpo_layer, mpo_run)
+
+        def run_mpo_build(layer=mpo_layer):  # the chain contractions alone, fwd + bwd (what MPO adds)
+            sum(layer.experts.weights(p).sum() for p in layer.experts.projs).backward()
+        runs[f"  {mpo_name(bond)}: chain contraction only"] = (mpo_layer, run_mpo_build)
+    if not baselines:
+        return runs, layers
 
     from deepspeed.moe.layer import MoE as DSMoE
 
     ds = DSMoE(hidden_size=D, expert=SwiGLU(D, F_), num_experts=E, ep_size=1, k=1, capacity_factor=1.25,
-               eval_capacity_factor=1.25, min_capacity=0, drop_tokens=True).train()
+               eval_capacity_factor=1.25, min_capacity=0, drop_tokens=True).to(device=device, dtype=dtype).train()
 
     def run_ds():
         xi = x.view(1, T, D).clone().requires_grad_()
@@ -119,7 +177,7 @@ def make_runs(E, T, D, F_, V, mpo_bond):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     mix = MixtralSparseMoeBlock(MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E,
-                                              num_experts_per_tok=1)).train()
+                                              num_experts_per_tok=1)).to(device=device, dtype=dtype).train()
 
     def run_mix():
         xi = x.view(1, T, D).clone().requires_grad_()
@@ -127,62 +185,192 @@ def make_runs(E, T, D, F_, V, mpo_bond):
         y = out[0] if isinstance(out, tuple) else out
         (y.view(T, D) * dy).sum().backward()
     runs["transformers MixtralSparseMoeBlock"] = (mix, run_mix)
-    return runs
+    return runs, layers
+
+
+def all_trees(lo: int, hi: int):
+    if lo == hi:
+        yield lo
+        return
+    for m in range(lo, hi):
+        for a in all_trees(lo, m):
+            for b in all_trees(m + 1, hi):
+                yield (a, b)
+
+
+def time_trees(experts, reps: int, device) -> list[dict]:
+    """fwd+bwd of one projection's contraction (up_proj) by every tree, interleaved rounds."""
+    shapes, c, L = experts.shapes("up_proj"), experts.c, len(experts.expert_ids)
+    trees = list(all_trees(0, experts.n - 1))
+    best = experts.orders["up_proj"]
+    times = {t: [] for t in trees}
+    for _ in range(reps):
+        for t in trees:
+            _sync(device)
+            t0 = time.perf_counter()
+            experts.weights("up_proj", order=t).sum().backward()
+            _sync(device)
+            times[t].append(time.perf_counter() - t0)
+            zero_grads(experts)
+    return [dict(tree=str(t), chosen=t == best, mac=mpo_mod.tree_cost(t, shapes, c, L), seconds=min(v))
+            for t, v in sorted(times.items(), key=lambda kv: min(kv[1]))]
+
+
+def profile_layer(layer, run, device, top: int = 8) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run()
+        _sync(device)
+    zero_grads(layer)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    return [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3,
+                 share=e.self_cpu_time_total / total) for e in rows[:top]]
+
+
+def expert_traffic_bytes(E: int, D: int, F_: int, itemsize: int) -> int:
+    """Weights read in forward + read again in backward (input gradient) + weight gradients
+    written: 3 passes over the E x 3 x D x F expert weights."""
+    return 3 * E * 3 * D * F_ * itemsize
 
 
 @cli_main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 64], help="numbers of experts E")
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens T per step")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="tokens T per step")
     ap.add_argument("--hidden", type=int, default=512, help="model width D")
     ap.add_argument("--ffn", type=int, default=2048, help="expert FFN width F")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter/activation dtype")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (best reported, median in JSON)")
-    ap.add_argument("--mpo-bond", type=int, default=64, help="MPO max bond dimension (0 = exact)")
+    ap.add_argument("--mpo-bond", type=int, nargs="+", default=[64, 16],
+                    help="MPO max bond dimensions (0 = exact); the first one is held to the goals")
     ap.add_argument("--budget-s", type=float, default=20.0,
                     help="stop repeating a case after this many seconds; a case whose warm-up alone takes longer "
                          "is reported from that one (cold) run")
-    ap.add_argument("--quick", action="store_true", help="T=1024, 2 repeats: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 round: a smoke run")
+    ap.add_argument("--note", default="", help="a line added to the markdown (e.g. what else ran on the machine)")
     ap.add_argument("--out", default="results/bench_moe", help="output prefix (.json and .md)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.tokens, args.reps = 1024, 2
+        args.experts, args.tokens, args.reps, args.hidden, args.ffn, args.mpo_bond = [4], [256], 1, 64, 128, [8]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        from megamoe.errors import UserError
+
+        raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     from megamoe.parallel import init_distributed
 
-    init_distributed("gloo")  # deepspeed.moe needs a process group (a world of one)
+    init_distributed("gloo" if args.device == "cpu" else None)  # deepspeed.moe needs a process group
     cmd = "python " + " ".join(sys.argv)
     print(f"command: {cmd}", flush=True)
-    rows = []
-    for E in args.experts:
-        runs = make_runs(E, args.tokens, args.hidden, args.ffn, 32000, args.mpo_bond)
-        res = {}
-        for name, times in time_round_robin(runs, args.reps, args.budget_s).items():
-            mod = runs[name][0]
-            res[name] = dict(E=E, impl=name, seconds=min(times), median_seconds=statistics.median(times),
-                             all_seconds=times, params=n_params(mod), expert_params=n_params(mod, expert_only=True))
-        base = res["dense FFN"]["seconds"]
-        sw = res["megamoe Switch top-1"]["seconds"]
-        for r in res.values():
-            r["vs_dense"] = r["seconds"] / base
-            r["vs_switch"] = r["seconds"] / sw
-            rows.append(r)
-            print(f"E={E:3d} {r['impl']:38s} {r['seconds']*1e3:9.1f} ms  {r['vs_dense']:6.2f}x dense  "
-                  f"{r['vs_switch']:6.2f}x switch  expert params {r['expert_params']:,}", flush=True)
-    meta = dict(command=cmd, tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, threads=args.threads,
-                torch=torch.__version__, dtype="float32", device="cpu", mpo_bond=args.mpo_bond,
-                cpu_count=os.cpu_count(), load_average_1_5_15=os.getloadavg())
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    md = [f"`{cmd}` — load average at the end {load} on {os.cpu_count()} cores; T={args.tokens}, D={args.hidden}, F={args.ffn}, fp32 CPU, {args.threads} threads, "
-          f"fwd+bwd, best of up to {args.reps} interleaved rounds (median in the JSON)", "",
-          "| E | implementation | ms | vs dense | vs our Switch | expert params |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['E']} | {r['impl']} | {r['seconds']*1e3:.1f} | {r['vs_dense']:.2f} | {r['vs_switch']:.2f} | "
-           f"{r['expert_params']:,} |" for r in rows]
-    atomic_write_text(args.out + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))
-    atomic_write_text(args.out + ".md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    rows, extras = [], {}
+    for T in args.tokens:
+        for E in args.experts:
+            key = f"E={E} T={T}"
+            runs, layers = make_runs(E, T, args.hidden, args.ffn, 32000, args.mpo_bond, device, dtype)
+            res = {}
+            for name, (times, cpu) in time_round_robin(runs, args.reps, args.budget_s, device).items():
+                mod = runs[name][0]
+                res[name] = dict(E=E, T=T, tokens_per_expert=T // E, impl=name, seconds=min(times),
+                                 median_seconds=statistics.median(times), all_seconds=times,
+                                 cpu_seconds=min(cpu), all_cpu_seconds=cpu,
+                                 params=n_params(mod), expert_params=n_params(mod, expert_only=True))
+            bw_s = res.pop("memory copy (bandwidth)")["seconds"]
+            bandwidth = 2 * 64 * 2**20 * 4 / bw_s
+            auto = resolve_backend("auto", device)
+            base, sw = res["dense FFN"]["seconds"], res[switch_name(auto, auto)]["seconds"]
+            for r in res.values():
+                r["vs_dense"], r["vs_switch"] = r["seconds"] / base, r["seconds"] / sw
+                r["cpu_vs_dense"] = r["cpu_seconds"] / res["dense FFN"]["cpu_seconds"]
+                rows.append(r)
+                print(f"{key:14s} {r['impl']:38s} {r['seconds']*1e3:9.1f} ms  {r['vs_dense']:6.2f}x dense  "
+                      f"{r['vs_switch']:6.2f}x switch  expert params {r['expert_params']:,}", flush=True)
+            mem_s = expert_traffic_bytes(E, args.hidden, args.ffn, torch.finfo(dtype).bits // 8) / bandwidth
+            ex = dict(bandwidth_GBps=bandwidth / 1e9, expert_traffic_GB=expert_traffic_bytes(
+                E, args.hidden, args.ffn, torch.finfo(dtype).bits // 8) / 1e9, memory_bound_s=mem_s,
+                compute_floor_s=base, switch_s=sw, switch_vs_memory_bound=sw / mem_s,
+                switch_vs_roofline=sw / max(mem_s, base), switch_vs_compute_plus_memory=sw / (mem_s + base),
+                auto_backend=resolve_backend("auto", device))
+            print(f"{key}: bandwidth {ex['bandwidth_GBps']:.1f} GB/s; experts must move {ex['expert_traffic_GB']:.2f} GB "
+                  f"-> memory bound {mem_s*1e3:.0f} ms; compute floor (dense) {base*1e3:.0f} ms; Switch {sw*1e3:.0f} ms = "
+                  f"{ex['switch_vs_memory_bound']:.2f}x memory bound, {ex['switch_vs_roofline']:.2f}x max(both), "
+                  f"{ex['switch_vs_compute_plus_memory']:.2f}x their sum", flush=True)
+            ds = res.get("deepspeed.moe MoE", {}).get("seconds")
+            mix = res.get("transformers MixtralSparseMoeBlock", {}).get("seconds")
+            mpo_r = res[mpo_name(args.mpo_bond[0])]
+            goals = {}
+            if E <= 8:
+                goals["switch <= 1.0x dense"] = sw / base <= 1.0
+                goals["MPO <= 1.25x switch"] = mpo_r["vs_switch"] <= 1.25
+            if E >= 64 and T // E >= 256:
+                goals["switch <= 1.15x dense"] = sw / base <= 1.15
+            if E >= 64 and T // E < 256:
+                goals["switch within 15% of memory bound"] = sw / mem_s <= 1.15
+            if ds and mix:
+                goals["switch below deepspeed and transformers"] = sw < ds and sw < mix
+            ex["goals"] = goals
+            if not all(goals.values()) or args.quick:
+                ex["profile_switch"] = profile_layer(layers["switch"], runs[switch_name(auto, auto)][1], device)
+                if not goals.get("MPO <= 1.25x switch", True):
+                    ex["profile_mpo"] = profile_layer(layers["mpo"], runs[mpo_r["impl"]][1], device)
+            if E == max(args.experts) and T == min(args.tokens):
+                ex["mpo_trees_up_proj"] = time_trees(layers["mpo"].experts, max(1, min(args.reps, 3)), device)
+            extras[key] = ex
+            del runs, layers
+    meta = dict(command=cmd, tokens=args.tokens, experts=args.experts, hidden=args.hidden, ffn=args.ffn,
+                threads=args.threads, torch=torch.__version__, dtype=args.dtype, device=args.device,
+                mpo_bond=args.mpo_bond, cpu_count=os.cpu_count(), load_average_1_5_15=os.getloadavg(), note=args.note)
+    atomic_write_text(args.out + ".json", json.dumps(dict(meta=meta, rows=rows, cases=extras), indent=1))
+    md = render_md(meta, rows, extras)
+    atomic_write_text(args.out + ".md", md)
+    print(md)
     return 0
+
+
+def render_md(meta, rows, extras) -> str:
+    load = ", ".join(f"{v:.1f}" for v in meta["load_average_1_5_15"])
+    md = [f"`{meta['command']}`", "",
+          f"D={meta['hidden']}, F={meta['ffn']}, {meta['dtype']} on {meta['device']}, {meta['threads']} threads, "
+          f"torch {meta['torch']}, fwd+bwd, best of up to the rounds asked (interleaved; median in the JSON). "
+          f"Load average at the end {load} on {meta['cpu_count']} cores."]
+    if meta["note"]:
+        md += ["", meta["note"]]
+    md += ["", "| E | T | tokens/expert | implementation | ms | vs dense | vs our Switch | CPU-time vs dense | expert params |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['E']} | {r['T']} | {r['tokens_per_expert']} | {r['impl']} | {r['seconds']*1e3:.1f} | "
+           f"{r['vs_dense']:.2f} | {r['vs_switch']:.2f} | {r['cpu_vs_dense']:.2f} | {r['expert_params']:,} |" for r in rows]
+    md += ["", f"`{SWITCH} [loop]` / `[grouped_mm]`: the same layer forced to each expert backend; `(auto)` marks "
+           "the one `auto` picks on this device, the one `vs our Switch` divides by. `chain contraction only`: "
+           "what MPO adds to Switch (its W built and differentiated, no tokens). `CPU-time vs dense`: the "
+           "same ratio in process CPU time (best round), less sensitive to waiting for a core on a loaded machine.", "",
+           "## Memory-traffic bound and goals", "",
+           "| case | bandwidth GB/s | expert bytes GB | memory bound ms | compute floor (dense) ms | Switch ms | "
+           "vs memory bound | vs max(both) | vs sum | goals |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, ex in extras.items():
+        goals = "; ".join(f"{g}: {'met' if ok else 'MISSED'}" for g, ok in ex["goals"].items())
+        md.append(f"| {key} | {ex['bandwidth_GBps']:.1f} | {ex['expert_traffic_GB']:.2f} | {ex['memory_bound_s']*1e3:.0f} | "
+                  f"{ex['compute_floor_s']*1e3:.0f} | {ex['switch_s']*1e3:.0f} | {ex['switch_vs_memory_bound']:.2f} | "
+                  f"{ex['switch_vs_roofline']:.2f} | {ex['switch_vs_compute_plus_memory']:.2f} | {goals} |")
+    for key, ex in extras.items():
+        if "mpo_trees_up_proj" in ex:
+            md += ["", f"## MPO contraction trees ({key}, up_proj, fwd+bwd, best of rounds)", "",
+                   "| tree | chosen (fewest MACs) | G MAC | ms |", "|---|---|---|---|"]
+            md += [f"| `{t['tree']}` | {'yes' if t['chosen'] else ''} | {t['mac']/1e9:.2f} | {t['seconds']*1e3:.1f} |"
+                   for t in ex["mpo_trees_up_proj"]]
+        for prof in ("profile_switch", "profile_mpo"):
+            if prof in ex:
+                md += ["", f"## Profile: {prof.split('_')[1]} layer, {key} (top ops by self CPU time, one fwd+bwd)", "",
+                       "| op | calls | self ms | share |", "|---|---|---|---|"]
+                md += [f"| `{p['op']}` | {p['calls']} | {p['self_ms']:.1f} | {p['share']:.0%} |" for p in ex[prof]]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

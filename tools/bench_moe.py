@@ -319,6 +319,10 @@ def main(argv=None) -> int:
             ex["goals"] = goals
             if not all(goals.values()) or args.quick:
                 ex["profile_switch"] = profile_layer(layers["switch"], runs[switch_name(auto, auto)][1], device)
+                flops = 6 * 3 * args.hidden * args.ffn * T  # fwd + bwd of the 3 projections over T rows
+                mm_s = sum(p["self_ms"] for p in ex["profile_switch"] if p["op"] in ("aten::mm", "aten::_grouped_mm")) / 1e3
+                ex["dense_GFLOPps"] = flops / base / 1e9
+                ex["switch_expert_matmul_GFLOPps"] = flops / mm_s / 1e9 if mm_s else None
                 if not goals.get("MPO <= 1.25x switch", True):
                     ex["profile_mpo"] = profile_layer(layers["mpo"], runs[mpo_r["impl"]][1], device)
             if E == max(args.experts) and T == min(args.tokens):
@@ -333,6 +337,10 @@ def main(argv=None) -> int:
     atomic_write_text(args.out + ".md", md)
     print(md)
     return 0
+
+
+def T_of(key: str) -> str:
+    return key.split("T=")[1]
 
 
 def render_md(meta, rows, extras) -> str:
@@ -367,8 +375,12 @@ def render_md(meta, rows, extras) -> str:
                    for t in ex["mpo_trees_up_proj"]]
         for prof in ("profile_switch", "profile_mpo"):
             if prof in ex:
-                md += ["", f"## Profile: {prof.split('_')[1]} layer, {key} (top ops by self CPU time, one fwd+bwd)", "",
-                       "| op | calls | self ms | share |", "|---|---|---|---|"]
+                md += ["", f"## Profile: {prof.split('_')[1]} layer, {key} (top ops by self CPU time, one fwd+bwd)", ""]
+                if prof == "profile_switch" and ex.get("switch_expert_matmul_GFLOPps"):
+                    md += [f"The expert matmuls run at {ex['switch_expert_matmul_GFLOPps']:.0f} GFLOP/s (all T rows counted) "
+                           f"against {ex['dense_GFLOPps']:.0f} GFLOP/s for the dense FFN's (whole fwd+bwd) at "
+                           f"{T_of(key)} / E rows per matmul.", ""]
+                md += ["| op | calls | self ms | share |", "|---|---|---|---|"]
                 md += [f"| `{p['op']}` | {p['calls']} | {p['self_ms']:.1f} | {p['share']:.0%} |" for p in ex[prof]]
     return "\n".join(md) + "\n"
 

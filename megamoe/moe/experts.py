@@ -14,7 +14,9 @@ canonical per-expert names (``{e}.gate_proj.weight`` ``[F, D]``, ``{e}.down_proj
 
 Compute (:func:`grouped_mm`), ``backend`` picks the kernel:
 - ``grouped_mm``: ``torch._grouped_mm`` with int32 offsets = cumsum of per-slot counts, as
-  torchtitan, Megatron-Core's GroupedMLP and transformers 5 do on CUDA (no host sync).
+  torchtitan, Megatron-Core's GroupedMLP and transformers 5 do on CUDA. Its CUTLASS kernel
+  (no host sync) takes bf16 on SM90/SM100 (H100/H200/B200); other dtypes or GPUs run torch's
+  own per-group fallback inside the op (a host sync for the offsets), still correct.
 - ``loop``: :class:`LoopGroupedMM`, one matmul per slot on views of the stacked weight, and in
   backward each slot's weight gradient written into its slice of ONE buffer of the weight's
   size (an empty slot's slice is zeroed). Indexing a stacked parameter per expert in plain

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
     from megamoe.parallel import init_distributed
 
     init_distributed("gloo" if args.device == "cpu" else None)  # deepspeed.moe needs a process group
-    cmd = "python " + " ".join(sys.argv)
+    cmd = "python " + shlex.join(sys.argv)
     print(f"command: {cmd}", flush=True)
     rows, extras = [], {}
     for T in args.tokens:

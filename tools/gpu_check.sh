@@ -21,8 +21,10 @@
 #
 # Every step fails loudly: a failed step prints the tail of its log, is marked FAILED in the
 # results, the steps that need its output are marked "skipped: needs <step>", and the script
-# exits 1. Data: data/corpus_text_document + data/tokenizer/spm.model when present (make data),
-# otherwise a synthetic corpus built in the output dir (the GPU machine has no internet).
+# exits 1. Data: data/corpus_text_document + data/tokenizer/spm.model when present (make data;
+# /data is git-ignored, so bring data/corpus_text_document.{bin,idx,json} and data/tokenizer/ to
+# a fresh GPU machine: ~10 MB), otherwise a synthetic corpus built in the work dir (the GPU
+# machine has no internet). evaluate.py and convert_to_hf.py run on the CPU.
 # The results file appears atomically; --cpu-smoke never writes results/gpu_check.*.
 set -u -o pipefail
 
@@ -115,7 +117,7 @@ if [ "$MODE" = gpu ]; then
          train.warmup_steps=10 train.log_interval=10 train.eval_iters=4)
   GEN_DEVICE=cuda
   EVAL_ARGS=(--max-batches 2 --micro-batch-size 2)   # evaluate.py runs on the CPU
-  BENCH_MOE=(--device cuda --experts 8 64 --tokens 16384 --hidden 1024 --ffn 2944 --reps 5 --budget-s 20)
+  BENCH_MOE=(--device cuda --experts 8 64 --tokens 16384 --hidden 1024 --ffn 2944 --reps 5 --budget-s 10)
   BENCH_TRAIN=(--device cuda --steps 5 --warmup 2)
 else
   MODEL=(model.vocab_size=64 model.hidden_size=32 model.num_layers=2 model.num_heads=4 model.num_kv_heads=2
@@ -162,11 +164,11 @@ if p.returncode != 0:
 if mode == "gpu" and (n.get("skipped", 0) or not n.get("passed", 0)):
     sys.exit(f"on a GPU every CUDA test must run: {n}")
 PY
-step cuda_tests 180 "env" "$PY" "$OUT/cuda_tests.py" "$MODE" "$OUT/cuda_tests.json" -m cuda tests/ -q -rs -p no:cacheprovider
+step cuda_tests 150 "env" "$PY" "$OUT/cuda_tests.py" "$MODE" "$OUT/cuda_tests.json" -m cuda tests/ -q -rs -p no:cacheprovider
 
 # ---- bench_moe ---------------------------------------------------------------------------------
 if "$PY" tools/bench_moe.py --help 2>/dev/null | grep -q -- "--device"; then
-  step bench_moe 120 "env" "$PY" tools/bench_moe.py "${BENCH_MOE[@]}" --out "$OUT/bench_moe"
+  step bench_moe 90 "env" "$PY" tools/bench_moe.py "${BENCH_MOE[@]}" --out "$OUT/bench_moe"
 else
   note bench_moe "skipped: tools/bench_moe.py has no --device flag yet" "python tools/bench_moe.py ${BENCH_MOE[*]}"
 fi

@@ -44,7 +44,8 @@ $(DATA)/corpus_text_document.idx: $(DATA)/tokenizer/spm.model
 	  --workers 2 --append-eod
 
 # unigram counts for the balanced hash router (1-D int64, length = vocab size)
-$(DATA)/corpus_text_document.counts.npy: $(DATA)/corpus_text_document.idx
+# (rebuilt when the tool changes: the counts once covered every split, now the train split only)
+$(DATA)/corpus_text_document.counts.npy: $(DATA)/corpus_text_document.idx tools/count_tokens.py
 	$(BIN)/python tools/count_tokens.py --data-prefix $(DATA)/corpus_text_document --split 98,2,0
 
 data: $(DATA)/corpus_text_document.counts.npy

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from unittest import mock
 from pathlib import Path
 
@@ -41,13 +40,12 @@ from megamoe.data.sampler import ResumableBatchSampler
 from megamoe.data.tokenizer import load_sentencepiece, sha256_file
 from megamoe.errors import UserError
 
-with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed" noise
-    warnings.simplefilter("ignore")
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.tokenizers import MegatronTokenizerBase
+# (megatron-core's import-time warnings are filtered precisely in megamoe/utils.py)
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: E402
+from megatron.core.datasets.blended_megatron_dataset_config import (  # noqa: E402
+    convert_split_vector_to_split_matrix, parse_and_normalize_split)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402
+from megatron.core.tokenizers import MegatronTokenizerBase  # noqa: E402
 
 _SPLITS = ("train", "valid", "test")
 

@@ -93,10 +93,6 @@ def verify_files(prefix: str | Path) -> tuple[int, int, np.dtype]:
 def open_indexed(prefix: str | Path):
     """Verified ``megatron.core.datasets.indexed_dataset.IndexedDataset`` for ``prefix``."""
     verify_files(prefix)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     return IndexedDataset(str(prefix), multimodal=False, mmap=True)

@@ -156,8 +156,7 @@ def run(input_specs, keys, model_path, output_prefix, workers=1, append_eod=Fals
         pool = stack.enter_context(mp.get_context("fork").Pool(
             workers, _init, (ds, model_path, keys, append_eod, split_sentences_)))
         results = pool.imap(_encode_range, ranges)
-        with warnings_off():
-            from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
         dtype = DType.optimal_dtype(tok_meta["vocab_size"])
         # renamed in reverse order of entering: json, .bin, then .idx last (the "done" marker)
         paths = {}
@@ -203,16 +202,3 @@ def run(input_specs, keys, model_path, output_prefix, workers=1, append_eod=Fals
             f"in {secs:.1f}s ({m['tokens'] / secs:,.0f} tokens/s, {workers} workers)")
     return summary
 
-
-class warnings_off:
-    """Silence megatron-core's import-time 'Transformer Engine and Apex are not installed'."""
-
-    def __enter__(self):
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)

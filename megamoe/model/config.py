@@ -82,9 +82,16 @@ class RouterConfig:
     # dtype (bf16 rounding of logits flips top-k choices); "model" computes them in the input's
     # dtype (an ablation, not for training).
     dtype: Literal["fp32", "model"] = "fp32"
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = 0.01  # micro-batch Switch loss (first choices of this rank's tokens)
     z_loss_coef: float = 0.001
     jitter_eps: float = 0.0  # multiplicative U(1-eps, 1+eps) noise on router input in training
+    # Further balancing (megamoe/moe/balance.py), all off by default:
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-level balance loss
+    global_aux_loss_coef: float = 0.0  # global-batch loss: expert counts summed over DP before it
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the probabilities for the
+    # top-k choice only, moved by rate * sign(mean load - load) after each optimizer step. 0 = off
+    # (and no bias buffer: a checkpoint saved with it needs it on to load, and vice versa).
+    expert_bias_rate: float = 0.0
 
     def __post_init__(self):
         check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
@@ -94,6 +101,9 @@ class RouterConfig:
         check(self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, "z_loss_coef", self.z_loss_coef, "must be >= 0")
         check(0 <= self.jitter_eps < 1, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
+        for name in ("seq_aux_loss_coef", "global_aux_loss_coef", "expert_bias_rate"):
+            v = getattr(self, name)
+            check(math.isfinite(v) and v >= 0, name, v, "must be a finite number >= 0 (0 = off)")
 
 
 @dataclass(kw_only=True)

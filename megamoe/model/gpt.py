@@ -6,7 +6,8 @@ Contract (used by the trainer, tests, checkpoints and HF export)::
     out = model(input_ids[B,S], labels[B,S] | None, loss_mask[B,S] | None)
     out.logits   [B, S, V/TP]  this rank's vocabulary shard
     out.lm_loss  mean vocab-parallel CE over loss_mask tokens (labels < 0 are masked too)
-    out.aux_loss sum over MoE layers of coef x load-balancing loss (0 for dense / hash)
+    out.aux_loss sum over MoE layers of coef x balance losses (Switch, sequence, global; 0 for
+                 dense / hash)
     out.z_loss   sum over MoE layers of coef x router z-loss
     out.loss     lm_loss + aux_loss + z_loss (None without labels)
     out.moe_stats  one MoEStats per MoE layer, in block order
@@ -143,7 +144,7 @@ class GPT(torch.nn.Module):
         x_SBD = self._enter(self.final_norm(x_SBD))
         logits_SBV = self.lm_head(x_SBD, weight=self.embed.weight if self.cfg.tie_embeddings else None)[0]
         zero = torch.zeros((), dtype=torch.float32, device=logits_SBV.device)  # losses stay fp32 under bf16
-        aux = sum((s.aux_loss_coef * s.lb_loss for s in stats), zero)
+        aux = sum((s.balance_loss for s in stats), zero)
         z = sum((s.z_loss_coef * s.z_loss for s in stats), zero)
         lm_loss = loss = None
         if labels is not None:

@@ -3,5 +3,6 @@
 One file per concept: router.py (learned top-k + the RouterOutput contract), hashing.py (hash
 routing tables), dispatcher.py (permutation + expert-parallel all-to-all), experts.py (FFN
 experts), mpo.py (MPO experts with a shared central tensor), grad_mask.py (central-tensor
-gradient masks), upcycle.py (dense -> experts), layer.py (MoELayer).
+gradient masks), balance.py (sequence / global-batch balance losses, expert bias),
+upcycle.py (dense -> experts), layer.py (MoELayer).
 """

@@ -12,7 +12,9 @@ after ``init_parallel`` (or without it for one process).
 ``forward(x[..., D], routing: RoutingContext) -> (y same shape, MoEStats)``. The input must be
 the full sequence on every TP rank (with sequence parallelism the decoder gathers before and
 scatters after the layer). Losses in MoEStats are unscaled and computed over this rank's
-tokens; the decoder adds ``aux_loss_coef * lb_loss + z_loss_coef * z_loss`` to the loss.
+tokens (the global-batch loss's counts over the DP group, balance.py); the decoder adds
+:attr:`MoEStats.weighted_loss` to the loss. The sequence-level loss reads ``x`` [S, B, D] as B
+sequences of S tokens (the decoder's residual layout); a [T, D] input is one sequence.
 
 Full state dict: :meth:`gather_full` / :meth:`load_full` map to/from the canonical names of
 notes/common.md (``{prefix}router.weight|table``, ``{prefix}experts...``), gathering or slicing
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from megamoe import parallel
+from megamoe.moe import balance
 from megamoe.model.config import ModelConfig, MoEConfig
 from megamoe.moe.dispatcher import Dispatcher
 from megamoe.moe.experts import FFNExperts
@@ -47,10 +50,25 @@ class MoEStats:
     tokens_per_expert: torch.Tensor  # [E] long, kept (token, choice) pairs routed by this rank
     dropped_fraction: torch.Tensor  # share of (token, choice) pairs dropped by capacity
     router_entropy: torch.Tensor  # mean entropy of router probabilities (0 for hash)
+    selected_per_expert: torch.Tensor | None = None  # [E] long, all K choices before capacity
+    seq_lb_loss: torch.Tensor | None = None  # unscaled DeepSeek-V3 sequence loss (None when off)
+    global_lb_loss: torch.Tensor | None = None  # unscaled global-batch loss (None when off)
+    seq_aux_loss_coef: float = 0.0
+    global_aux_loss_coef: float = 0.0
+
+    @property
+    def balance_loss(self) -> torch.Tensor:
+        """Sum of the coefficient-weighted balance losses (the decoder's ``aux_loss``)."""
+        loss = self.aux_loss_coef * self.lb_loss
+        for coef, value in ((self.seq_aux_loss_coef, self.seq_lb_loss), (self.global_aux_loss_coef,
+                                                                          self.global_lb_loss)):
+            if value is not None:
+                loss = loss + coef * value
+        return loss
 
     @property
     def weighted_loss(self) -> torch.Tensor:
-        return self.aux_loss_coef * self.lb_loss + self.z_loss_coef * self.z_loss
+        return self.balance_loss + self.z_loss_coef * self.z_loss
 
 
 class MoELayer(nn.Module):
@@ -64,6 +82,8 @@ class MoELayer(nn.Module):
         rc = moe_cfg.router
         self.aux_loss_coef = 0.0 if self.is_hash else rc.aux_loss_coef
         self.z_loss_coef = 0.0 if self.is_hash else rc.z_loss_coef
+        self.seq_aux_loss_coef = 0.0 if self.is_hash else rc.seq_aux_loss_coef
+        self.global_aux_loss_coef = 0.0 if self.is_hash else rc.global_aux_loss_coef
         ep, ep_rank, ep_group = parallel.ep_size(), parallel.ep_rank(), parallel.ep_group()
         tp, tp_rank, tp_group = parallel.tp_size(), parallel.tp_rank(), parallel.tp_group()
         if self.is_hash:
@@ -95,8 +115,13 @@ class MoELayer(nn.Module):
             return expert_ids_TK
         return expert_ids_TK * self.num_blocks + torch.arange(self.num_blocks, device=expert_ids_TK.device)
 
-    def stats(self, r: RouterOutput) -> MoEStats:
+    def stats(self, r: RouterOutput, num_sequences: int = 1) -> MoEStats:
         kept = r.expert_ids_TK[r.keep_TK]
+        seq = glob = None
+        if self.seq_aux_loss_coef > 0:
+            seq = balance.sequence_balance_loss(r.probs_TE, r.expert_ids_TK, num_sequences).float()
+        if self.global_aux_loss_coef > 0:
+            glob = balance.global_balance_loss(r.probs_TE, r.expert_ids_TK, reduce=self.training).float()
         if r.probs_TE is not None:
             p = r.probs_TE.detach()
             entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
@@ -105,7 +130,10 @@ class MoELayer(nn.Module):
         return MoEStats(lb_loss=r.lb_loss, z_loss=r.z_loss, aux_loss_coef=self.aux_loss_coef,
                         z_loss_coef=self.z_loss_coef,
                         tokens_per_expert=torch.bincount(kept, minlength=self.num_experts),
-                        dropped_fraction=1.0 - r.keep_TK.float().mean(), router_entropy=entropy)
+                        dropped_fraction=1.0 - r.keep_TK.float().mean(), router_entropy=entropy,
+                        selected_per_expert=balance.selection_counts(r.expert_ids_TK, self.num_experts),
+                        seq_lb_loss=seq, global_lb_loss=glob, seq_aux_loss_coef=self.seq_aux_loss_coef,
+                        global_aux_loss_coef=self.global_aux_loss_coef)
 
     def forward(self, x: torch.Tensor, routing: RoutingContext | None = None) -> tuple[torch.Tensor, MoEStats]:
         x_TD = x.reshape(-1, self.hidden)
@@ -113,7 +141,7 @@ class MoELayer(nn.Module):
         x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, self.slots(r.expert_ids_TK), r.weights_TK, r.keep_TK)
         y_RD = self.experts(x_RD, counts_L)
         y_TD = self.dispatcher.combine(y_RD, plan)
-        return y_TD.reshape(x.shape).to(x.dtype), self.stats(r)
+        return y_TD.reshape(x.shape).to(x.dtype), self.stats(r, x.shape[1] if x.dim() == 3 else 1)
 
     # ---- canonical full state dict ----
     def gather_full(self, prefix: str = "") -> dict[str, torch.Tensor]:

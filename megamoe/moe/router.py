@@ -25,6 +25,12 @@ Choices (methods.md section 1):
   p_k / S over the K chosen; ``straight_through`` p_k / S.detach() (default): the value of
   renormalize (1 at K = 1, RUCAIBox/MPO ``compress_tools/modeling_t5_utils.py`` SwitchFFN's
   ``p / p.detach()``) with the gradient of prob scaled by 1/S.
+- Expert bias (``router.expert_bias_rate > 0``, balance.py): ``expert_bias`` [E] fp32 buffer
+  (canonical ``moe.router.expert_bias``) added to the probabilities for the top-k CHOICE only
+  (DeepSeek-V3; transformers' ``e_score_correction_bias``). Weights, drop priority and losses
+  use the unbiased probabilities; choice order (first choice, ``position`` drops) follows the
+  biased scores. The buffer stays fp32 through ``.to(dtype)`` / ``.bfloat16()``: a bias moved
+  by steps of ~1e-3 would stall in bf16.
 """
 
 from __future__ import annotations
@@ -102,6 +108,15 @@ class LearnedRouter(nn.Module):
         self.cfg, self.num_experts = cfg, num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, std=init_std)
+        bias = torch.zeros(num_experts, dtype=torch.float32) if cfg.expert_bias_rate > 0 else None
+        self.register_buffer("expert_bias", bias)  # None: absent from the state dict
+
+    def _apply(self, fn, recurse=True):
+        bias = self.expert_bias
+        out = super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:  # keep fp32, follow the device
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return out
 
     def gating(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.cfg.dtype == "fp32":
@@ -114,7 +129,12 @@ class LearnedRouter(nn.Module):
     def routing(self, logits_TE: torch.Tensor) -> RouterOutput:
         cfg, E = self.cfg, self.num_experts
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        top_probs_TK, expert_ids_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
+        if self.expert_bias is None:
+            top_probs_TK, expert_ids_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
+        else:  # biased choice, unbiased weights
+            choice_TE = probs_TE.detach() + self.expert_bias.to(probs_TE.dtype)
+            expert_ids_TK = torch.topk(choice_TE, cfg.top_k, dim=-1).indices
+            top_probs_TK = probs_TE.gather(1, expert_ids_TK)
         weights_TK = top_probs_TK
         if cfg.combine == "renormalize":
             weights_TK = top_probs_TK / top_probs_TK.sum(-1, keepdim=True)

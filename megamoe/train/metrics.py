@@ -29,7 +29,7 @@ def moe_scalars(stats: list, layer_ids: list[int] | None = None) -> dict:
             total = float(t.sum()) or 1.0
             out[f"moe/layer{i}/expert_load"] = (t / total).tolist()
             out[f"moe/layer{i}/max_load"] = float(t.max() / (total / t.numel()))
-        for name in ("dropped_fraction", "router_entropy"):
+        for name in ("dropped_fraction", "router_entropy", "lb_loss", "seq_lb_loss", "global_lb_loss"):
             v = getattr(s, name, None)
             if v is not None:
                 out[f"moe/layer{i}/{name}"] = float(torch.as_tensor(v).float().mean())

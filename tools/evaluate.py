@@ -33,6 +33,9 @@ def resolve_checkpoint(path: str) -> Path:
     """The checkpoint directory (a save_dir's ``latest`` tag, a global_stepN, or a canonical dir)."""
     from megamoe.hf.checkpoint_reader import resolve
 
+    d, _ = resolve(path)
+    return d
+
 
 def read_text_file(path: str, skip_invalid: bool = False, what: str = "--text-file") -> str:
     """The file's text under the data pipeline's rules (megamoe/data/preprocess.py): invalid

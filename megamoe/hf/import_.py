@@ -88,7 +88,7 @@ def upcycled_moe_config(kind: str, model_cfg: ModelConfig, *, num_experts: int, 
                          hash=HashConfig(variant=hash_variant, counts_file=counts_file))
     if kind == "mpo":
         return MoEConfig(num_experts=num_experts, every=every, expert_type="mpo", router=RouterConfig(top_k=top_k),
-                         mpo=MPOConfig(num_tensors=mpo_num_tensors, max_bond_dim=mpo_max_bond, init="upcycle"))
+                         mpo=MPOConfig(num_tensors=mpo_num_tensors, max_bond_dim=mpo_max_bond))
     raise UserError(f"--upcycle {kind!r}: choose switch, hash or mpo")
 
 

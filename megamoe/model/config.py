@@ -145,8 +145,6 @@ class MPOConfig:
     input_shape: list[int] = field(default_factory=list)
     output_shape: list[int] = field(default_factory=list)
     max_bond_dim: int = 0  # 0 -> no truncation (exact)
-    init: Literal["scratch", "upcycle"] = "scratch"
-    upcycle_noise: float = 0.01  # relative noise on auxiliary tensors when upcycling
     # none | skip (the paper's rule: with prob p a step leaves the central tensors and their
     # optimizer state untouched) | bernoulli (element-wise gradient mask) | freeze; see grad_mask.py
     grad_mask: Literal["none", "skip", "bernoulli", "freeze"] = "none"

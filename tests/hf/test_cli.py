@@ -190,20 +190,34 @@ def test_oracle_variant_is_refused():
         choose_target("auto", tiny_model(), moe)
 
 
-def test_fp32_masters_keep_integer_buffers(tmp_path, monkeypatch):
-    """Masters replace floating tensors only: a hash table stays the saved int64 table even if the
-    optimizer-side dict carries it converted."""
-    import deepspeed.utils.zero_to_fp32 as z2f
+def test_export_checksums_catch_a_missing_or_altered_expert(tmp_path, capsys):
+    """megamoe_export.json holds a sha256 per tensor; reading the export back through megamoe
+    (convert_from_hf) checks them: an edited or deleted expert tensor is one clear error."""
+    from safetensors.torch import load_file, save_file
 
-    from megamoe.hf import gather
+    from tools import convert_from_hf
 
-    (tmp_path / "global_step1").mkdir()
-    (tmp_path / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
-    sd = {"w": torch.ones(2, dtype=torch.bfloat16), "layers.0.moe.router.table": torch.tensor([[3, 1]])}
-    masters = {"w": torch.tensor([1.0001, 0.9999]), "layers.0.moe.router.table": torch.tensor([[3.0, 1.0]])}
-    monkeypatch.setattr(z2f, "get_fp32_state_dict_from_zero_checkpoint", lambda *a, **k: masters)
-    out, note = gather._fp32_masters(tmp_path / "global_step1", sd, {"parallel": {}})
-    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], masters["w"])
-    assert out["layers.0.moe.router.table"].dtype == torch.int64 and "1 of 2" in note
-    out, note = gather._fp32_masters(tmp_path / "global_step1", sd, {"parallel": {"expert_parallel": 2}})
-    assert out is sd and "only for TP=1, EP=1" in note
+    m, moe = moe_cases("unused")["top2"]
+    ck, _ = canonical_checkpoint(tmp_path, "ck", m, moe)
+    assert to_hf(["--checkpoint", str(ck), "--output", str(tmp_path / "hf"), "--no-tokenizer"]) == 0
+    sums = json.loads((tmp_path / "hf" / "megamoe_export.json").read_text())["tensors"]
+    experts = [k for k in sums if ".experts." in k]
+    assert experts and len(sums) == len(load_file(str(tmp_path / "hf" / "model.safetensors")))
+
+    def from_hf(tag):
+        with pytest.raises(SystemExit) as e:
+            convert_from_hf.main(["--hf-dir", str(tmp_path / tag), "--output", str(tmp_path / f"mm_{tag}")])
+        return e.value.code, capsys.readouterr().err
+
+    assert from_hf("hf")[0] == 0
+    for tag, edit in (("altered", "alter"), ("missing", "drop")):
+        shutil.copytree(tmp_path / "hf", tmp_path / tag)
+        sd = load_file(str(tmp_path / tag / "model.safetensors"))
+        if edit == "alter":
+            sd[experts[1]] = sd[experts[1]].clone()
+            sd[experts[1]].view(-1)[0] += 1e-3
+        else:
+            del sd[experts[1]]
+        save_file(sd, str(tmp_path / tag / "model.safetensors"))
+        code, err = from_hf(tag)
+        assert code == 2 and experts[1] in err and ("checksum" in err or "missing" in err), err

@@ -1,7 +1,9 @@
 """Native megamoe model (eval) vs its Hugging Face export: logits, greedy generation, loss.
 
-Tolerances: fp32, max |logit difference| <= 1e-4 (measured ~1e-7: the same math in another
-order); greedy decoding must be token-identical (HF uses a KV cache, native recomputes the
+Tolerances: fp32, max |logit difference| <= 5e-6 (measured ~1e-7 at init scale and <= 3.6e-7
+on trained weights: the same math in another order; tight enough that exact-vs-tanh GELU in a
+trained dense block, 2.5e-5, fails: tests/hf/test_trained.py); greedy decoding must be
+token-identical (HF uses a KV cache, native recomputes the
 whole prefix, so this also checks the cache path, incl. previous-token hash routing);
 validation loss within 1e-5.
 """
@@ -40,7 +42,7 @@ def check_parity(native, hf, seed: int = 1):
         out = hf(ids[:, :-1])
         loss = hf(ids, labels=ids).loss
     diff = (out.logits - ref.logits).abs().max().item()
-    assert diff <= 1e-4, diff
+    assert diff <= 5e-6, diff
     assert abs(loss.item() - ref.lm_loss.item()) <= 1e-5, (loss.item(), ref.lm_loss.item())
     prompt = ids[:, :6]
     want = greedy_generate(native, prompt, 20)

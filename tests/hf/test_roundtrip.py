@@ -123,7 +123,7 @@ def test_upcycle_dense_llama(tmp_path, kind):
     exactly the dense model (top-1 Switch scales by p, so it is checked at the expert level)."""
     from tools import convert_from_hf
 
-    from megamoe.hf.gather import load_checkpoint, model_configs
+    from megamoe.hf.checkpoint_reader import load_checkpoint, model_configs
     from megamoe.model.state_dict import load_full_state_dict
     from tests.hf.common import build_native
 

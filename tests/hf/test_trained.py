@@ -7,8 +7,12 @@ Runs (~20-30 s each on 2 busy cores):
   MPO experts (the training tests' tiny model) -> megamoe;
 - TP=2: a Mixtral made with transformers, imported by convert_from_hf and trained on from its
   weights (train.init_from) -> Mixtral (TP-sharded expert widths merged back exactly);
-- DP=2, ZeRO-3, bf16, dense -> Llama, from the fp32 master weights in the ZeRO optimizer shards
-  (not the bf16 module copies).
+- DP=2, ZeRO-3, bf16, dense -> Llama, from the fp32 master weights in the checkpoint's shards
+  (not the bf16 module copies);
+- EP=2, GELU, block 2 dense -> megamoe: 10 steps at lr 1e-2 grow the pre-activations enough
+  that exact-vs-tanh GELU shows in the logits (measured 2.5e-5, against 3.6e-7 with the right
+  GELU), so check_parity's 5e-6 sees a wrong dense GELU (test_parity_sees_a_wrong_dense_gelu;
+  at init scale the difference is ~1e-8).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ RUNS = {
     "tp2_imported_mixtral": ({"parallel.tensor_parallel": 2, "train.lr": 1e-4, "train.min_lr": 1e-5},
                              "import", "MixtralForCausalLM"),
     "dp2_zero3_bf16_dense": ({"train.zero_stage": 3, "train.precision": "bf16"}, "dense", "LlamaForCausalLM"),
+    "ep2_gelu_dense_block": ({"parallel.expert_parallel": 2, "model.activation": "gelu", "moe.layers": [1],
+                              "train.lr": 1e-2, "train.min_lr": 1e-3, "train.train_steps": 10}, "gelu",
+                             "MegamoeForCausalLM"),
 }
 
 
@@ -55,7 +62,7 @@ def trained(tmp_path_factory):
     prefix, tok = make_dataset(root / "data")
     out = {}
     for name, (over, moe, _) in RUNS.items():
-        cfg = tiny_config(prefix, tok, root / name, moe=moe != "dense", **over, **{"train.train_steps": 3})
+        cfg = tiny_config(prefix, tok, root / name, moe=moe != "dense", **{"train.train_steps": 3, **over})
         if moe == "import":
             sections, init_from = import_mixtral(root / "mixtral")
             cfg.update(sections)
@@ -77,7 +84,7 @@ def test_trained_checkpoint_exports_exactly(trained, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import megamoe.hf  # noqa: F401
-    from megamoe.hf.gather import load_checkpoint, model_configs
+    from megamoe.hf.checkpoint_reader import load_checkpoint, model_configs
     from megamoe.model.state_dict import load_full_state_dict
     from tests.hf.common import build_native
 
@@ -102,19 +109,20 @@ def test_trained_checkpoint_exports_exactly(trained, name, tmp_path):
     assert f"final validation loss {valid['lm_loss']:.4f}" in (tmp_path / "hf" / "README.md").read_text()
 
 
-def test_bf16_checkpoint_exports_fp32_masters(trained):
+def test_bf16_zero3_checkpoint_exports_fp32_masters(trained):
+    """ZeRO-3 bf16: the export reads the fp32 masters from the shards (the bf16 module copies are
+    not even saved), equal to the checkpoint's consolidated model.safetensors."""
     from safetensors.torch import load_file
 
-    from megamoe.hf.gather import load_checkpoint
+    from megamoe.hf.checkpoint_reader import load_checkpoint
 
     run_dir, _ = trained["dp2_zero3_bf16_dense"]
     ck = load_checkpoint(run_dir / "ckpt")
-    module = load_file(str(run_dir / "ckpt" / "global_step3" / "model.safetensors"))
-    floats = [k for k, v in module.items() if v.is_floating_point()]
-    assert module[floats[0]].dtype == torch.bfloat16
-    for k in floats:  # masters are fp32, round to the module's bf16 copy, and carry more bits
-        assert ck.state_dict[k].dtype == torch.float32 and torch.equal(ck.state_dict[k].bfloat16(), module[k]), k
-    assert any(not torch.equal(ck.state_dict[k], module[k].float()) for k in floats)
+    full = load_file(str(run_dir / "ckpt" / "global_step3" / "model.safetensors"))
+    assert sorted(full) == sorted(ck.state_dict)
+    for k, v in full.items():
+        assert v.dtype == torch.float32 and torch.equal(ck.state_dict[k], v), k
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in full.values())  # more bits than bf16
     assert "fp32 master weights" in ck.info["notes"][0]
 
 
@@ -129,3 +137,35 @@ def test_imported_mixtral_continued_under_tp2(trained):
     assert sorted(start) == sorted(end)
     moved = max((end[k] - start[k]).abs().max().item() for k in start)
     assert 0 < moved < 1e-3, moved
+
+
+def test_parity_sees_a_wrong_dense_gelu(trained, tmp_path, monkeypatch):
+    """The same trained GELU checkpoint exported with exact GELU in its dense block (the old bug)
+    fails check_parity: the tolerance is tight enough on trained weights."""
+    from transformers import AutoModelForCausalLM
+
+    import megamoe.hf  # noqa: F401
+    from megamoe.hf import configs
+    from megamoe.hf.checkpoint_reader import load_checkpoint, model_configs
+    from megamoe.hf.export import export_model
+    from megamoe.model.state_dict import load_full_state_dict
+    from tests.hf.common import build_native
+
+    run_dir, _ = trained["ep2_gelu_dense_block"]
+    ck = load_checkpoint(run_dir / "ckpt")
+    model_cfg, moe_cfg = model_configs(ck.config)
+    real = configs.hf_config
+
+    def exact_gelu(*a, **k):
+        c = real(*a, **k)
+        assert c.gelu_approximate == "tanh"  # what the export writes now
+        c.gelu_approximate = "none"
+        return c
+
+    monkeypatch.setattr(configs, "hf_config", exact_gelu)
+    export_model(ck.state_dict, model_cfg, moe_cfg, tmp_path / "bug")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bug").eval()
+    native = build_native(model_cfg, moe_cfg)
+    load_full_state_dict(native, ck.state_dict)
+    with pytest.raises(AssertionError):
+        check_parity(native, hf)

@@ -204,26 +204,51 @@ def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.reshape(E, r, -1, b.shape[-1])
 
 
+def _span(node) -> tuple[int, int]:
+    return (node, node) if isinstance(node, int) else (_span(node[0])[0], _span(node[1])[1])
+
+
+def _split_ij(t: torch.Tensor, seg_shapes) -> torch.Tensor:
+    """[E?, r, X, s] (X interleaved i_k j_k ...) -> [E?, r, I, J, s] (I = the i's, J = the j's)."""
+    lead, (r, _, s) = t.shape[:-3], t.shape[-3:]
+    dims = [d for sh in seg_shapes for d in sh[1:3]]
+    t = t.reshape(*lead, r, *dims, s)
+    b = len(lead) + 1  # first (i, j) dim
+    n = len(seg_shapes)
+    perm = [*range(b), *[b + 2 * k for k in range(n)], *[b + 2 * k + 1 for k in range(n)], b + 2 * n]
+    return t.permute(perm).reshape(*lead, r, math.prod(sh[1] for sh in seg_shapes),
+                                   math.prod(sh[2] for sh in seg_shapes), s)
+
+
 def build_weights(tensors: list[torch.Tensor], c: int, order=None, transpose: bool = False) -> torch.Tensor:
     """Dense W of every expert, ``[E, I, J]`` (``[E, J, I]`` with ``transpose``), from the chain
     ``tensors``: position ``c`` the shared central ``[a, i, j, b]``, the others per-expert stacks
-    ``[E, r, i, j, r']``. ``order``: a contraction tree (default: :func:`contraction_order`)."""
+    ``[E, r, i, j, r']``. ``order``: a contraction tree (default: :func:`contraction_order`).
+
+    The two halves of the root merge are brought to (I, J) order first (small tensors), so the
+    root matmul gives ``[E, I_L, J_L, I_R, J_R]`` and W needs one 5-dim permute. (Permuting the
+    interleaved ``[E, i1, j1, ..., in, jn]`` W instead is an 11-dim copy, 2x slower measured.)"""
     shapes = [tuple(t.shape[-4:]) for t in tensors]
     E = next(t.shape[0] for k, t in enumerate(tensors) if k != c)
     if order is None:
         order = contraction_order(shapes, c, E)[0]
+    assert isinstance(order, tuple), "a chain of at least 2 tensors"
     leaves = [t.reshape(*t.shape[:-3], t.shape[-3] * t.shape[-2], t.shape[-1]) for t in tensors]
 
     def run(node):
         return leaves[node] if isinstance(node, int) else _merge(run(node[0]), run(node[1]))
 
-    w = run(order)
-    n = len(tensors)
-    w = w.reshape(E, *[d for s in shapes for d in s[1:3]])  # E, i1, j1, i2, j2, ...
-    rows, cols = [1 + 2 * k for k in range(n)], [2 + 2 * k for k in range(n)]
-    w = w.permute(0, *(cols + rows if transpose else rows + cols))
-    I, J = math.prod(s[1] for s in shapes), math.prod(s[2] for s in shapes)
-    return w.reshape(E, J, I) if transpose else w.reshape(E, I, J)
+    halves = []
+    for node in order:
+        lo, hi = _span(node)
+        halves.append(_split_ij(run(node), shapes[lo:hi + 1]))  # [E?, r, I_h, J_h, s]
+    (lt, rt) = halves
+    il, jl, b = lt.shape[-3:]
+    _, ir, jr, _ = rt.shape[-4:]
+    w = torch.matmul(lt.reshape(*lt.shape[:-4], il * jl, b), rt.reshape(*rt.shape[:-4], b, ir * jr))
+    w = w.expand(E, il * jl, ir * jr).reshape(E, il, jl, ir, jr)
+    w = w.permute(0, 2, 4, 1, 3) if transpose else w.permute(0, 1, 3, 2, 4)
+    return w.reshape(E, jl * jr, il * ir) if transpose else w.reshape(E, il * ir, jl * jr)
 
 
 class _MPOProj(nn.Module):

@@ -28,6 +28,7 @@ import torch
 from megamoe import comm, parallel
 from megamoe.config import to_dict
 from megamoe.errors import UserError
+from megamoe.moe.balance import ExpertBiasBalancer
 from megamoe.train import checkpoint as ckpt
 from megamoe.train.ds_config import build_ds_config
 from megamoe.train.engine import build_engine
@@ -154,6 +155,7 @@ class Trainer:
         if t.init_from and not self.load_dir:
             load_weights(model, t.init_from)
         self.grad_mask = _central_grad_mask(model, run.moe)
+        self.expert_bias = ExpertBiasBalancer(model)  # moe.router.expert_bias_rate > 0 (balance.py)
         self.counts = param_counts(model, run)
         self.fpt = flops_per_token(self.counts, run)
         self.ds_config = build_ds_config(t, dp, has_moe=bool(run.moe.num_experts))
@@ -201,6 +203,7 @@ class Trainer:
         for micro in range(gas):
             batch = _to_device(next(it), self.device)
             out = engine(batch["input_ids"], batch["labels"], batch["loss_mask"])
+            self.expert_bias.add(out.moe_stats)
             vals = torch.stack([x.detach().float() for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)]).tolist()
             nonfinite |= not all(math.isfinite(v) for v in vals)
             sums = [a + b for a, b in zip(sums, vals)]
@@ -217,6 +220,7 @@ class Trainer:
         norm = float(norm) if norm is not None else float("nan")
         applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
         bad_norm = self.run.train.zero_stage > 0 and not math.isfinite(norm)
+        self.expert_bias.step(apply=not (bad > 0 or not applied or bad_norm))  # collective; same on all ranks
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "grad_norm": norm,
                 "skipped": bool(bad > 0 or not applied or bad_norm), "stats": stats}
 

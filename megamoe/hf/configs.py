@@ -66,6 +66,8 @@ def target_gaps(target: str, m: ModelConfig, moe: MoEConfig) -> list[str]:
                     "Mixtral always renormalises the top-k weights (weight 1.0 for k=1)")
     elif moe_layers and moe.router.combine == "prob":
         gaps.append("moe.router.combine=prob (Mixtral always renormalises the top-k weights)")
+    if moe_layers and moe.router.expert_bias_rate > 0:
+        gaps.append("moe.router.expert_bias_rate>0 (Mixtral chooses experts without a bias)")
     return gaps
 
 
@@ -150,6 +152,7 @@ def megamoe_config(m: ModelConfig, moe: MoEConfig, sd: dict[str, torch.Tensor], 
         initializer_range=m.init_std, mlp_types=types, num_experts=moe.num_experts, num_experts_per_tok=r.top_k,
         normalize_top_k=r.combine != "prob", top1_weight="prob" if r.combine == "prob" else "one",
         learned_expert_type=moe.expert_type,
+        router_expert_bias=any(f"layers.{i}.moe.router.expert_bias" in sd for i in moe_layers),
         hash_variant=h.variant, num_hashes=h.num_hashes, bigram_prime=h.bigram_prime,
         hash_start_id=PREV_TOKEN_AT_START, hash_expert_type=h.expert_type, hash_table_shape=table_shape,
         mpo_num_tensors=n, mpo_central_index=central_index(n), mpo_shapes=mpo_shapes, **_special(tok_ids))

@@ -45,6 +45,7 @@ class MegamoeConfig(PretrainedConfig):
         normalize_top_k: bool = True,
         top1_weight: str = "prob",  # "prob": combine weight p of the single expert; "one": weight 1
         learned_expert_type: str = "ffn",  # "ffn" | "mpo"
+        router_expert_bias: bool = False,  # learned routers choose by probs + router.expert_bias
         # hash router
         hash_variant: str = "random",
         num_hashes: int = 1,
@@ -91,6 +92,7 @@ class MegamoeConfig(PretrainedConfig):
         self.normalize_top_k = normalize_top_k
         self.top1_weight = top1_weight
         self.learned_expert_type = learned_expert_type
+        self.router_expert_bias = router_expert_bias
         self.hash_variant = hash_variant
         self.num_hashes = num_hashes
         self.bigram_prime = bigram_prime

@@ -150,7 +150,8 @@ def export_model(sd: dict[str, torch.Tensor], model_cfg: ModelConfig, moe_cfg: M
         tok_ids = special_ids(tokenizer_model)
     hf_cfg = configs.hf_config(arch, model_cfg, moe_cfg, sd, tok_ids)
     hf_cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    hf_sd = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+    # the expert bias stays fp32 (a selection threshold; the modeling file keeps it fp32 too)
+    hf_sd = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() and not k.endswith(".expert_bias") else v).contiguous()
              for k, v in mapping.to_hf(sd, arch).items()}
     verify_shapes(arch, hf_cfg, hf_sd)
     sums = checksums(hf_sd)

@@ -15,6 +15,9 @@ Inference semantics, and where they differ from native *training*:
   capacity that depends on how many tokens share a batch cannot be honoured token by token
   during cached generation, so dropless is the only consistent choice.
 - no router jitter, no aux / z losses (training-only).
+- an expert bias (``config.router_expert_bias``: ``router.expert_bias`` [E], fp32, native
+  ``moe.router.expert_bias_rate > 0``) is added to the probabilities for the top-k choice only;
+  the combine weights are the unbiased probabilities (as DeepSeek-V3's ``e_score_correction_bias``).
 - hash routing needs token ids: current ids (``input_ids``), previous ids (``previous``
   and ``bigram`` variants) and positions (``position`` variant). During cached decoding the
   previous id of the first new token lies in the cache's past: :meth:`prepare_inputs_for_generation`
@@ -212,6 +215,8 @@ class LearnedRouter(nn.Module):
     def __init__(self, config: MegamoeConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        if getattr(config, "router_expert_bias", False):
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
 
 class HashRouter(nn.Module):
@@ -235,7 +240,12 @@ class LearnedMoE(nn.Module):
         x_TD = x_BSD.reshape(-1, D)
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(cfg.num_experts_per_tok, dim=-1)
+        bias_E = getattr(self.router, "expert_bias", None)
+        if bias_E is None:
+            weights_TK, experts_TK = probs_TE.topk(cfg.num_experts_per_tok, dim=-1)
+        else:  # biased choice, unbiased weights
+            experts_TK = (probs_TE + bias_E.float()).topk(cfg.num_experts_per_tok, dim=-1).indices
+            weights_TK = probs_TE.gather(1, experts_TK)
         if cfg.num_experts_per_tok > 1 and cfg.normalize_top_k:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if cfg.num_experts_per_tok == 1 and cfg.top1_weight == "one":
@@ -308,6 +318,7 @@ class MegamoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
+    _keep_in_fp32_modules_strict = ["expert_bias"]
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -42,6 +42,8 @@ def target_gaps(target: str, m: ModelConfig, moe: MoEConfig) -> list[str]:
         if moe.num_experts and moe.hash_layers and moe.hash.variant == "oracle_future":
             return ["moe.hash.variant='oracle_future' routes by the next token, which does not exist at "
                     "inference (analysis-only variant)"]
+        if moe.num_experts and moe.shared_experts:
+            return [f"moe.shared_experts={moe.shared_experts}: shared experts do not export yet (issue 12 item 6)"]
         return []
     moe_layers = moe.moe_layer_indices(m.num_layers)
     gaps = _common_stock_gaps(m)
@@ -66,6 +68,8 @@ def target_gaps(target: str, m: ModelConfig, moe: MoEConfig) -> list[str]:
                     "Mixtral always renormalises the top-k weights (weight 1.0 for k=1)")
     elif moe_layers and moe.router.combine == "prob":
         gaps.append("moe.router.combine=prob (Mixtral always renormalises the top-k weights)")
+    if moe_layers and moe.shared_experts:
+        gaps.append(f"moe.shared_experts={moe.shared_experts} (Mixtral has no shared experts)")
     if moe_layers and moe.router.expert_bias_rate > 0:
         gaps.append("moe.router.expert_bias_rate>0 (Mixtral chooses experts without a bias)")
     return gaps

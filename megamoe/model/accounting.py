@@ -87,7 +87,7 @@ def _mpo_params(cfg: ModelConfig, moe: MoEConfig, ffn: int) -> tuple[int, int]:
 
 def moe_layer_params(cfg: ModelConfig, moe: MoEConfig, index: int) -> tuple[int, int, int]:
     """(total, active, matmul-equivalent) parameters of MoE block ``index``'s FFN part
-    (router + experts; experts have no biases)."""
+    (router + experts + shared experts; experts have no biases)."""
     E, D = moe.num_experts, cfg.hidden_size
     ffn = moe.expert_ffn_hidden_size or cfg.ffn_hidden_size
     is_hash = index in moe.hash_layers
@@ -98,6 +98,9 @@ def moe_layer_params(cfg: ModelConfig, moe: MoEConfig, index: int) -> tuple[int,
     dense_equiv = ffn_params(_no_bias(cfg), ffn)
     compute = dense_equiv if is_hash else moe.router.top_k * dense_equiv
     expert_type = moe.hash.expert_type if is_hash else moe.expert_type
+    # shared experts: one always-on FFN of width N x W (+ the optional [1, D] gate)
+    router += ffn_params(_no_bias(cfg), moe.shared_experts * (moe.shared_expert_ffn_hidden_size or ffn)) + (
+        D if moe.shared_expert_gate else 0) if moe.shared_experts else 0
     if expert_type == "mpo":
         central, aux = _mpo_params(cfg, moe, ffn)
         return router + central + E * aux, router + central + touched * aux, router + compute

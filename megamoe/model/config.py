@@ -175,6 +175,12 @@ class MoEConfig:
     hash_layers: list[int] = field(default_factory=list)
     expert_type: Literal["ffn", "mpo"] = "ffn"  # for learned-router layers
     expert_ffn_hidden_size: int | None = None  # None -> model.ffn_hidden_size
+    # Shared experts (DeepSeekMoE / Qwen2-MoE): N always-on FFN experts beside the routed ones in
+    # every MoE block, run as one unbiased FFN of width N x shared_expert_ffn_hidden_size (the sum
+    # of N FFNs is one FFN over their concatenated hidden units), TP-sharded like the dense FFN.
+    shared_experts: int = 0
+    shared_expert_ffn_hidden_size: int | None = None  # None -> the routed experts' width
+    shared_expert_gate: bool = False  # Qwen2-MoE: output scaled by sigmoid(x . w), w [1, D]
     router: RouterConfig = field(default_factory=RouterConfig)
     hash: HashConfig = field(default_factory=HashConfig)
     mpo: MPOConfig = field(default_factory=MPOConfig)
@@ -182,6 +188,9 @@ class MoEConfig:
     def __post_init__(self):
         check(self.num_experts >= 0, "num_experts", self.num_experts, "must be >= 0 (0 = dense)")
         check(self.every >= 0, "every", self.every, "must be >= 0")
+        check(self.shared_experts >= 0, "shared_experts", self.shared_experts, "must be >= 0 (0 = none)")
+        check(self.shared_expert_ffn_hidden_size is None or self.shared_expert_ffn_hidden_size > 0,
+              "shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size, "must be > 0 (or null)")
         check(not (self.layers is not None and self.every), "layers", self.layers,
               "set either layers (explicit list) or every (every k-th block), not both")
         if self.num_experts:
@@ -249,6 +258,11 @@ def check_model_layout(model: ModelConfig, moe: MoEConfig, parallel: ParallelCon
         ffn = moe.expert_ffn_hidden_size or model.ffn_hidden_size
         if ffn % tp:
             raise ConfigError("moe.expert_ffn_hidden_size", ffn, f"must be divisible by parallel.tensor_parallel={tp}")
+        shared = moe.shared_experts * (moe.shared_expert_ffn_hidden_size or ffn)
+        if shared % tp:
+            raise ConfigError("moe.shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size or ffn,
+                              f"the shared FFN width shared_experts x this = {shared} must be divisible by "
+                              f"parallel.tensor_parallel={tp}")
         if moe.hash_layers and ffn % (moe.hash.num_hashes * tp):
             raise ConfigError("moe.hash.num_hashes", moe.hash.num_hashes,
                               f"MultiHash splits the expert FFN width {ffn} into num_hashes blocks, each "

@@ -23,6 +23,7 @@ EP and TP shards; every rank gets / gives the full dict.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ from torch import nn
 from megamoe import parallel
 from megamoe.moe import balance
 from megamoe.model.config import ModelConfig, MoEConfig
+from megamoe.model.layers import ensure_parallel, mp_config
+from megamoe.model.mlp import MLP
+from megamoe.model.state_dict import expected_keys, gather_full_state_dict, load_full_state_dict
 from megamoe.moe.dispatcher import Dispatcher
 from megamoe.moe.experts import FFNExperts
 from megamoe.moe.hashing import HashRouter, RoutingContext
@@ -105,6 +109,16 @@ class MoELayer(nn.Module):
             self.experts = FFNExperts(D, F, E, model_cfg.activation, tp_size=tp, tp_rank=tp_rank,
                                       tp_group=tp_group, **common)
         self.dispatcher = Dispatcher(E * self.num_blocks, ep, ep_group)
+        # Shared experts: one unbiased megatron-TP FFN of width N x W beside the routed experts
+        # (replicated over DP/EP, reduced over DP like any dense weight); optional Qwen2-MoE gate.
+        self.shared_expert = self.shared_expert_gate = None
+        if moe_cfg.shared_experts:
+            width = moe_cfg.shared_experts * (moe_cfg.shared_expert_ffn_hidden_size or F)
+            ensure_parallel()  # megatron's TP layers need its parallel state (a world of one alone)
+            self.shared_expert = MLP(dataclasses.replace(model_cfg, bias=False), mp_config(), width)
+            if moe_cfg.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+                nn.init.normal_(self.shared_expert_gate.weight, std=model_cfg.init_std)
 
     # ---- steps ----
     def route(self, x_TD: torch.Tensor, routing: RoutingContext | None) -> RouterOutput:
@@ -141,18 +155,33 @@ class MoELayer(nn.Module):
         x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, self.slots(r.expert_ids_TK), r.weights_TK, r.keep_TK)
         y_RD = self.experts(x_RD, counts_L)
         y_TD = self.dispatcher.combine(y_RD, plan)
-        return y_TD.reshape(x.shape).to(x.dtype), self.stats(r, x.shape[1] if x.dim() == 3 else 1)
+        y = y_TD.reshape(x.shape).to(x.dtype)
+        if self.shared_expert is not None:
+            s = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(x)) * s
+            y = y + s
+        return y, self.stats(r, x.shape[1] if x.dim() == 3 else 1)
 
     # ---- canonical full state dict ----
     def gather_full(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out = {f"{prefix}router.{k}": v.detach().clone() for k, v in self.router.state_dict().items()}
         out.update(self.experts.gather_full(f"{prefix}experts."))
+        for name, module in self._shared():  # TP-gathered like the dense FFN (collective)
+            out.update({f"{prefix}{name}.{k}": v for k, v in gather_full_state_dict(module).items()})
         return out
 
     def full_keys(self, prefix: str = "") -> list[str]:
-        return [f"{prefix}router.{k}" for k in self.router.state_dict()] + self.experts.full_keys(f"{prefix}experts.")
+        keys = [f"{prefix}router.{k}" for k in self.router.state_dict()] + self.experts.full_keys(f"{prefix}experts.")
+        return keys + [f"{prefix}{name}.{k}" for name, module in self._shared() for k in expected_keys(module)]
 
     def load_full(self, sd: dict[str, torch.Tensor], prefix: str = "") -> None:
         router = {k[len(prefix) + 7:]: v for k, v in sd.items() if k.startswith(f"{prefix}router.")}
         self.router.load_state_dict(router)
         self.experts.load_full(sd, f"{prefix}experts.")
+        for name, module in self._shared():
+            load_full_state_dict(module, {k: sd[f"{prefix}{name}.{k}"] for k in expected_keys(module)})
+
+    def _shared(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in (("shared_expert", self.shared_expert),
+                                    ("shared_expert_gate", self.shared_expert_gate)) if m is not None]

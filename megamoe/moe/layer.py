@@ -16,9 +16,14 @@ tokens (the global-batch loss's counts over the DP group, balance.py); the decod
 :attr:`MoEStats.weighted_loss` to the loss. The sequence-level loss reads ``x`` [S, B, D] as B
 sequences of S tokens (the decoder's residual layout); a [T, D] input is one sequence.
 
+Shared experts (``moe.shared_experts`` N > 0): one always-on FFN of width N x W
+(``shared_expert``, megatron column/row-parallel like the dense FFN, no biases) added to the
+routed output, optionally scaled by ``sigmoid(x . shared_expert_gate.weight)`` (Qwen2-MoE).
+
 Full state dict: :meth:`gather_full` / :meth:`load_full` map to/from the canonical names of
-notes/common.md (``{prefix}router.weight|table``, ``{prefix}experts...``), gathering or slicing
-EP and TP shards; every rank gets / gives the full dict.
+notes/common.md (``{prefix}router.weight|table|expert_bias``, ``{prefix}experts...``,
+``{prefix}shared_expert.{gate,up,down}_proj.weight``, ``{prefix}shared_expert_gate.weight``),
+gathering or slicing EP and TP shards; every rank gets / gives the full dict.
 """
 
 from __future__ import annotations

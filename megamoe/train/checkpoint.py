@@ -179,7 +179,8 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, config_dic
     for r in records:
         r["crc32"] = crcs[r["name"]]
     atomic_write_text(shard.with_suffix(".json"), json.dumps(
-        {"format": uni.FORMAT, "rank": rank, "file": shard.name, "size": shard.stat().st_size, "tensors": records,
+        {"format": uni.FORMAT, "rank": rank, "world": dist.get_world_size(), "file": shard.name,
+         "size": shard.stat().st_size, "tensors": records,
          "steps": steps}))
     torch.save(rng_state(), d / f"megamoe_rank{rank}.pt")
     _maybe_crash()
@@ -323,7 +324,8 @@ def _load_states(engine, reader, plan, scheduler) -> None:
 def _sync_errors(d: Path, fn):
     """Run ``fn``; if it fails on any rank with a damaged file, every rank raises one UserError
     naming the same file (the lowest failing index over all ranks)."""
-    files = sorted((d / uni.SHARD_DIR).glob("rank*")) + [d / STATE_FILE, d / CONFIG_FILE]
+    files = sorted((d / uni.SHARD_DIR).glob("rank*")) + [d / STATE_FILE, d / CONFIG_FILE, d / "megamoe_meta.json"]
+    files += sorted(d.glob("megamoe_rank*.pt"))
     err, code = None, len(files) + 1
     try:
         fn()
@@ -354,20 +356,26 @@ def load(engine, load_dir: str | Path, current_config: dict | None = None, sched
 
     def run():
         state = uni.read_json(d / STATE_FILE)
-        saved_cfg = yaml.safe_load((d / CONFIG_FILE).read_text()) if (d / CONFIG_FILE).is_file() else {}
+        try:
+            saved_cfg = yaml.safe_load((d / CONFIG_FILE).read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            raise uni._damaged(d / CONFIG_FILE, str(e).splitlines()[0][:200]) from None
         if current_config is not None:
-            check_compatible(saved_cfg or state["client_state"].get("config", {}), current_config, load_dir)
+            check_compatible(saved_cfg if isinstance(saved_cfg, dict) else {}, current_config, load_dir)
         reader = uni.CheckpointReader(d)
         _load_states(engine, reader, prepare_local(engine), scheduler)
         out.update(state)
+        meta = uni.read_json(d / "megamoe_meta.json")
+        rng_file = d / f"megamoe_rank{dist.get_rank()}.pt"
+        if meta.get("world") == dist.get_world_size() and rng_file.is_file():
+            try:
+                rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise uni._damaged(rng_file, str(e).splitlines()[0][:200]) from None
+            set_rng_state(rng)
 
     _sync_errors(d, run)
     _restore_schedule(engine, scheduler, out)
-    meta_file = d / "megamoe_meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    rng_file = d / f"megamoe_rank{dist.get_rank()}.pt"
-    if meta.get("world") == dist.get_world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return out.get("client_state") or {}
 
 

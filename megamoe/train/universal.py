@@ -194,6 +194,11 @@ class CheckpointReader:
                     m["dtype"] = t["dtype"]
             for k, s in idx.get("steps", {}).items():
                 self.meta.setdefault(k, {})["step"] = s
+        world = idx.get("world")
+        if world is not None and len(index_files) != world:
+            have = sorted(f.name for f in index_files)
+            raise _damaged(shard_dir, f"{len(index_files)} rank index files ({', '.join(have[:4])}...) but {world} "
+                                      "ranks wrote this checkpoint: a rank's shard is missing")
         self._open: dict[int, object] = {}
         for fi in range(len(self.files)):  # headers and sizes of every file, before any data is used
             self._handle(fi)

@@ -94,12 +94,17 @@ def test_save_peak_memory_is_own_shard_plus_largest_tensor(tiny_data, tmp_path):
 
 
 def _damage(path, how):
+    if how == "delete":  # a whole rank's shard (index and data) lost
+        path.unlink()
+        path.with_suffix(".safetensors").unlink()
+        return path.parent
     data = path.read_bytes()
     if how == "truncate":
         path.write_bytes(data[: len(data) // 2])
     else:  # flip bytes in the middle of the data
         mid = len(data) - len(data) // 4
         path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 16]) + data[mid + 16:])
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +121,8 @@ def saved_ep2(tiny_moe, tmp_path_factory):
                                         ("shards/rank00000.safetensors", "flip"),
                                         ("shards/rank00001.json", "truncate"),
                                         ("megamoe_state.json", "truncate"),
+                                        ("megamoe_rank1.pt", "truncate"),
+                                        ("shards/rank00001.json", "delete"),
                                         ("init_from", "truncate")])
 def test_damaged_file_is_one_clear_error_on_every_rank(saved_ep2, tiny_moe, tmp_path, target, how):
     import shutil
@@ -132,8 +139,7 @@ def test_damaged_file_is_one_clear_error_on_every_rank(saved_ep2, tiny_moe, tmp_
         over[1] = f"train.save_dir={tmp_path}/fresh"
         over.append(f"train.init_from={bad}")
     else:
-        bad = ckpt / "global_step3" / target
-        _damage(bad, how)
+        bad = _damage(ckpt / "global_step3" / target, how)
         over.append("train.load=auto")
     rc, log = launch(cfg, 2, over)
     assert rc != 0
@@ -166,3 +172,13 @@ def test_resume_needs_nothing_outside_the_checkpoint(tiny_data, tmp_path):
     assert [r["step"] for r in got] == [4, 5, 6]
     for a, b in zip(ref[3:], got):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
+
+
+def test_config_mismatch_names_the_first_differing_field():
+    from megamoe.errors import UserError
+    from megamoe.train.checkpoint import check_compatible
+
+    saved = {"model": {"hidden_size": 32}, "moe": {"num_experts": 4, "router": {"top_k": 1, "z_loss_coef": 0.0}}}
+    check_compatible(saved, {**saved, "parallel": {"expert_parallel": 2}}, "ck")  # layout may differ
+    with pytest.raises(UserError, match=r"moe\.router\.top_k differs \(checkpoint 1 vs config 2\)"):
+        check_compatible(saved, {**saved, "moe": {"num_experts": 4, "router": {"top_k": 2, "z_loss_coef": 0.0}}}, "ck")

@@ -135,3 +135,27 @@ def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ConfigError) as info:
         load_run_config(None, ["moe.num_experts=4", "moe.every=1", f"moe.router.{field}={value}"])
     assert info.value.field == f"moe.router.{field}", str(info.value)
+
+
+def test_decoder_adds_and_metrics_log_each_loss():
+    from megamoe.model.gpt import build_model
+    from megamoe.train.metrics import moe_scalars
+
+    moe = MoEConfig(num_experts=E, layers=[1], router=RouterConfig(top_k=2, aux_loss_coef=0.1, seq_aux_loss_coef=0.2,
+                                                                    global_aux_loss_coef=0.3))
+    torch.manual_seed(0)
+    model = build_model(model_cfg(num_layers=2), moe).train()
+    ids = torch.randint(0, 50, (3, 8))
+    seen = []
+    model.layers[1].moe.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    out = model(ids, labels=ids)
+    (st,) = out.moe_stats
+    (x_SBD,) = seen
+    assert x_SBD.shape == (8, 3, D)  # the decoder hands the layer [S, B, D]: 3 sequences of 8 tokens
+    r = model.layers[1].moe.router(x_SBD.reshape(-1, D))
+    torch.testing.assert_close(st.seq_lb_loss, balance.sequence_balance_loss(r.probs_TE, r.expert_ids_TK, 3))
+    torch.testing.assert_close(out.aux_loss, 0.1 * st.lb_loss + 0.2 * st.seq_lb_loss + 0.3 * st.global_lb_loss)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss + out.z_loss)
+    logged = moe_scalars(out.moe_stats, [1])
+    for name in ("lb_loss", "seq_lb_loss", "global_lb_loss"):
+        assert logged[f"moe/layer1/{name}"] == pytest.approx(float(getattr(st, name)))

@@ -142,3 +142,30 @@ def test_bias_update_single_process_and_skip():
     balancer.add([st])
     balancer.step()
     torch.testing.assert_close(layer.router.expert_bias, balance.bias_step(BIAS0, loads[0], RATE), atol=0, rtol=0)
+
+
+def _checkpointing_body(rank, world):
+    """The global loss all-reduces inside the forward; activation checkpointing recomputes that
+    forward in backward. Both ranks must still agree (no hang) and the gradients must equal the
+    run without checkpointing (atol 1e-6: the same arithmetic)."""
+    import dataclasses
+
+    from megamoe.model.gpt import build_model
+
+    parallel.init_parallel(ParallelConfig(expert_parallel=2))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model_cfg(num_layers=2, activation_checkpointing=ckpt), dataclasses.replace(_cfg(), every=0,
+                                                                                                       layers=[1]))
+        model.train()
+        ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(rank))
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=0, msg=lambda m: f"{n}: {m}")
+
+
+def test_global_loss_under_activation_checkpointing_ep2():
+    run_distributed(_checkpointing_body, 2)

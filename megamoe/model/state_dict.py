@@ -13,6 +13,11 @@ canonical key is its ``named_parameters`` name; a megatron-core TP parameter car
 tensor is the concatenation over TP ranks along that dim. MoE layers own their expert/EP
 layout: any submodule with ``gather_full`` / ``load_full`` is delegated to.
 
+``local_layout(model)`` (not collective) says which canonical elements each LOCAL tensor holds
+(``Piece``: a box of a canonical tensor, possibly transposed locally), learned from the MoE
+layers' own ``load_full``: universal checkpoints (megamoe/train/universal.py) write and read
+through it, whatever the local expert layout.
+
 Traps: non-persistent buffers (RoPE ``inv_freq``) and megatron's ``_extra_state`` are not
 part of the contract; a tied LM head has no ``lm_head.weight`` (the key must be absent).
 """

@@ -286,7 +286,7 @@ def _local_values(model, sd, params) -> dict:
             p.data = d
 
 
-def _load_states(engine, reader, plan, scheduler) -> None:
+def _load_states(engine, reader, plan) -> None:
     module, opt = engine.module, engine.optimizer
     params = [lt.tensor for lt in plan.layout if lt.is_param]
     frags = {id(p): fragment(opt, p) for p in params}
@@ -363,7 +363,7 @@ def load(engine, load_dir: str | Path, current_config: dict | None = None, sched
         if current_config is not None:
             check_compatible(saved_cfg if isinstance(saved_cfg, dict) else {}, current_config, load_dir)
         reader = uni.CheckpointReader(d)
-        _load_states(engine, reader, prepare_local(engine), scheduler)
+        _load_states(engine, reader, prepare_local(engine))
         out.update(state)
         meta = uni.read_json(d / "megamoe_meta.json")
         rng_file = d / f"megamoe_rank{dist.get_rank()}.pt"

@@ -99,7 +99,7 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
                 continue
             right = np.array([[c == "1" for c in r["right"]] for r in rs], dtype=float)
             per_task, avg = bootstrap(right, test_tasks, T)
-            draws[(arm, size)] = (per_task, avg)
+            draws[(arm, size)] = {r["seed"]: row for r, row in zip(rs, right)}
             mean_t = [float(np.mean([r["per_task_acc"][t] for r in rs])) for t in range(T)]
             learned = [r["routing_learned"] for r in rs if r.get("routing_learned") is not None]
             rows.append({"arm": arm, "label": LABELS.get(arm, arm), "size": size, "seeds": len(rs),
@@ -120,13 +120,22 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
                 continue
             if isinstance(a, list) and len(a_list) < len(a):  # say which arms the mean covers
                 label = f"{label.split(' (')[0]} (mean of {', '.join(LABELS.get(x, x) for x in a_list)})"
-            da = np.mean([draws[(x, size)][1] for x in a_list], axis=0)
-            diff = da - draws[(b, size)][1]
+            # paired: the seeds every arm of the claim has, the same bootstrap draws for each arm
+            common = sorted(set.intersection(*(set(draws[(x, size)]) for x in a_list + [b])))
+            if not common:
+                continue
+
+            def avg_draws(x):
+                return bootstrap(np.stack([draws[(x, size)][sd] for sd in common]), test_tasks, T)[1]
+
+            da = np.mean([avg_draws(x) for x in a_list], axis=0)
+            diff = da - avg_draws(b)
             lo, hi = np.percentile(diff, [2.5, 97.5])
             verdict = "reproduced" if lo > 0 else ("contradicted" if hi < 0 else "tie (interval spans 0)")
             if label.startswith("TensorPoly"):
                 verdict = "reproduced (tie)" if lo <= 0 <= hi else ("TensorPoly-I better" if lo > 0 else "not reproduced")
-            claims.append({"claim": label, "size": size, "diff": float(diff.mean()), "ci": [float(lo), float(hi)],
+            claims.append({"claim": label, "size": size, "seeds": len(common), "diff": float(diff.mean()),
+                           "ci": [float(lo), float(hi)],
                            "verdict": verdict})
     return {"rows": rows, "claims": claims}
 
@@ -161,9 +170,9 @@ def markdown(res: dict) -> str:
             f"{t} {a:.3f}" for t, a in zip(tasks, res["majority_acc"])) + f" (average {sum(res['majority_acc']) / len(tasks):.3f}).", ""]
     if s["claims"]:
         lines += ["## The papers' claims (paired bootstrap, difference of task-average accuracy)", "",
-                  "| claim | examples/task | difference | 95% CI | verdict |", "|---|---|---|---|---|"]
+                  "| claim | examples/task | seeds (shared) | difference | 95% CI | verdict |", "|---|---|---|---|---|---|"]
         for c in s["claims"]:
-            lines.append(f"| {c['claim']} | {c['size']} | {c['diff']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
+            lines.append(f"| {c['claim']} | {c['size']} | {c['seeds']} | {c['diff']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
                          f"{c['verdict']} |")
         lines.append("")
     lines += [res["note"], ""]

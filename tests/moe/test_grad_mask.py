@@ -109,7 +109,7 @@ def test_mixed_central_group_is_refused():
 def test_freeze_keeps_central_bit_identical():
     layer, mask = _layer("freeze", scale=0.1)
     before = [c.detach().clone() for c in layer.experts.centrals()]
-    aux_before = layer.experts.local[0].up_proj["aux0"].detach().clone()
+    aux_before = layer.experts.up_proj.aux0[0].detach().clone()
     groups = param_groups(layer, lr=1e-2, central_lr_scale=0.1)
     assert len(groups) == 1  # frozen centrals are not in the optimizer at all
     opt = torch.optim.AdamW(groups, weight_decay=0.1)
@@ -117,7 +117,7 @@ def test_freeze_keeps_central_bit_identical():
         _step(layer, mask, step, opt)
     for b, c in zip(before, layer.experts.centrals()):
         assert torch.equal(b, c) and not c.requires_grad
-    assert not torch.equal(aux_before, layer.experts.local[0].up_proj["aux0"])
+    assert not torch.equal(aux_before, layer.experts.up_proj.aux0[0])
 
 
 def test_separate_lr_group():

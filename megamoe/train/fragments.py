@@ -59,11 +59,17 @@ class Fragment:
     def set(self, state: str, values: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def _state(self) -> dict:
+        """The optimizer state dict (AdamW's) that holds this fragment's step and moments."""
+        raise NotImplementedError
+
     def step(self):
-        return None
+        s = self._state().get("step")
+        return None if s is None else float(s)
 
     def set_step(self, value: float) -> None:
-        pass
+        st = self._state()
+        st["step"] = torch.full_like(st["step"], value) if torch.is_tensor(st.get("step")) else value
 
 
 class _HP(Fragment):
@@ -87,13 +93,6 @@ class _HP(Fragment):
     def _state(self):
         return _inner(self.opt).state[flat_partitions(self.opt)[self.map.param_group_index]]
 
-    def step(self):
-        s = self._state().get("step")
-        return None if s is None else float(s)
-
-    def set_step(self, value):
-        st = self._state()
-        st["step"] = torch.full_like(st["step"], value) if torch.is_tensor(st.get("step")) else value
 
 
 class _Z3(Fragment):
@@ -123,13 +122,6 @@ class _Z3(Fragment):
         group, _, _ = self.opt.grad_position[self.opt.get_param_id(self.p)]
         return _inner(self.opt).state[self.opt.fp32_partitioned_groups_flat[group]]
 
-    def step(self):
-        s = self._state().get("step")
-        return None if s is None else float(s)
-
-    def set_step(self, value):
-        st = self._state()
-        st["step"] = torch.full_like(st["step"], value) if torch.is_tensor(st.get("step")) else value
 
 
 class _Plain(Fragment):
@@ -151,13 +143,8 @@ class _Plain(Fragment):
         else:
             _inner(self.opt).state[self.p][state].copy_(values.view_as(self.p))
 
-    def step(self):
-        s = _inner(self.opt).state.get(self.p, {}).get("step")
-        return None if s is None else float(s)
-
-    def set_step(self, value):
-        st = _inner(self.opt).state[self.p]
-        st["step"] = torch.full_like(st["step"], value) if torch.is_tensor(st.get("step")) else value
+    def _state(self):
+        return _inner(self.opt).state[self.p]
 
 
 def fragment(opt, p) -> Fragment | None:

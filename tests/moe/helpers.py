@@ -54,3 +54,31 @@ def inputs(num_shards: int, tokens: int = 24, seed: int = 0):
     dys = [torch.randn(1, tokens, D, generator=g) for _ in range(num_shards)]
     ids = [torch.randint(0, V, (1, tokens), generator=g) for _ in range(num_shards)]
     return xs, dys, ids
+
+
+def assert_grads_match_shards(layer, ref_grads: dict, tol: dict, label: str = "") -> None:
+    """Each parameter's gradient on this rank equals its shard of the single-process reference.
+
+    Non-expert parameters are summed over DP first when EP > 1 (each rank saw its own tokens);
+    stacked expert params ``[L, ...]`` hold this EP rank's experts; TP-sharded params hold this
+    rank's rows (expert F rows block by block for MultiHash, see ``tp_rows``)."""
+    import torch.distributed as dist
+
+    from megamoe import parallel
+    from megamoe.moe.experts import tp_rows
+
+    ep, tp = parallel.ep_size(), parallel.tp_size()
+    for name, p in layer.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        expert = getattr(p, "allreduce", True) is False
+        if not expert and ep > 1:
+            dist.all_reduce(g, group=parallel.dp_group())
+        want = ref_grads[name]
+        if expert and ep > 1:
+            L = want.shape[0] // ep
+            want = want[parallel.ep_rank() * L:(parallel.ep_rank() + 1) * L]
+        if getattr(p, "tensor_model_parallel", False) and tp > 1:
+            dim = p.partition_dim
+            blocks = layer.num_blocks if name.startswith("experts.") else 1
+            want = want.index_select(dim, tp_rows(want.shape[dim], blocks, tp, parallel.tp_rank()))
+        torch.testing.assert_close(g, want, **tol, msg=lambda m: f"{label} grad {name}: {m}")

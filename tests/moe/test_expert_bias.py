@@ -20,10 +20,9 @@ import torch.distributed as dist
 from megamoe import parallel
 from megamoe.model.config import MoEConfig, ParallelConfig, RouterConfig
 from megamoe.moe import balance
-from megamoe.moe.experts import tp_rows
 from megamoe.moe.layer import MoELayer
 from tests.distributed import run_distributed
-from tests.moe.helpers import D, E, model_cfg
+from tests.moe.helpers import assert_grads_match_shards, D, E, model_cfg
 
 OUT_TOL = dict(atol=1e-5, rtol=1e-4)
 GRAD_TOL = dict(atol=2e-5, rtol=1e-4)
@@ -97,19 +96,7 @@ def _body(rank, world, tp, ep, ref):
             torch.testing.assert_close(got, want, **OUT_TOL)
         if m == 0:
             ((y * dy).sum() + st.weighted_loss).backward()
-    for name, p in layer.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        expert = getattr(p, "allreduce", True) is False
-        if not expert and ep > 1:
-            dist.all_reduce(g, group=parallel.dp_group())
-        want = ref["grads"][name]
-        if expert and ep > 1:
-            L = want.shape[0] // ep
-            want = want[parallel.ep_rank() * L:(parallel.ep_rank() + 1) * L]
-        if getattr(p, "tensor_model_parallel", False) and tp > 1:
-            dim = p.partition_dim
-            want = want.index_select(dim, tp_rows(want.shape[dim], layer.num_blocks, tp, parallel.tp_rank()))
-        torch.testing.assert_close(g, want, **GRAD_TOL, msg=lambda msg: f"grad {name}: {msg}")
+    assert_grads_match_shards(layer, ref["grads"], GRAD_TOL)
     loads = balancer.step()
     assert torch.equal(loads[0], ref["loads"]), (loads, ref["loads"])  # DP x EP sum, TP not double counted
     torch.testing.assert_close(layer.router.expert_bias, ref["bias"], atol=0, rtol=0)

@@ -22,13 +22,12 @@ import torch.distributed as dist
 
 from megamoe import parallel
 from megamoe.model.config import ParallelConfig
-from megamoe.moe.experts import tp_rows
 from megamoe.moe.grad_mask import CentralGradMask
 from megamoe.moe.hashing import RoutingContext
 from megamoe.moe.layer import MoELayer
 from megamoe.model.config import MPOConfig
 from tests.distributed import run_distributed
-from tests.moe.helpers import CASES, case_cfg, inputs, model_cfg, write_counts
+from tests.moe.helpers import CASES, assert_grads_match_shards, case_cfg, inputs, model_cfg, write_counts
 
 OUT_TOL = dict(atol=1e-5, rtol=1e-4)
 GRAD_TOL = dict(atol=2e-5, rtol=1e-4)
@@ -70,19 +69,7 @@ def _check_case(rank, case, counts, ref, tp, ep):
     torch.testing.assert_close(st.lb_loss, lb_ref, **OUT_TOL)
     torch.testing.assert_close(st.z_loss, z_ref, **OUT_TOL)
     loss.backward()
-    for name, p in layer.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        expert = getattr(p, "allreduce", True) is False
-        if not expert and ep > 1:
-            dist.all_reduce(g, group=parallel.dp_group())
-        want = ref["grads"][name]
-        if expert and ep > 1:  # stacked [L, ...]: this rank's experts
-            L = want.shape[0] // ep
-            want = want[parallel.ep_rank() * L:(parallel.ep_rank() + 1) * L]
-        if getattr(p, "tensor_model_parallel", False) and tp > 1:
-            dim = p.partition_dim
-            want = want.index_select(dim, tp_rows(want.shape[dim], layer.num_blocks, tp, parallel.tp_rank()))
-        torch.testing.assert_close(g, want, **GRAD_TOL, msg=lambda m: f"{case} grad {name}: {m}")
+    assert_grads_match_shards(layer, ref["grads"], GRAD_TOL, case)
     # gather_full round-trips the sharded layer back to the canonical weights
     full = layer.gather_full("")
     assert full.keys() == ref["full"].keys(), case

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from megamoe import parallel
@@ -21,7 +20,7 @@ from megamoe.model.config import MoEConfig, ParallelConfig, RouterConfig
 from megamoe.moe.layer import MoELayer
 from megamoe.run_config import load_run_config
 from tests.distributed import run_distributed
-from tests.moe.helpers import D, E, model_cfg
+from tests.moe.helpers import assert_grads_match_shards, D, E, model_cfg
 
 OUT_TOL = dict(atol=1e-5, rtol=1e-4)
 GRAD_TOL = dict(atol=2e-5, rtol=1e-4)
@@ -93,18 +92,7 @@ def _body(rank, world, tp, ep, ref):
     y, st = layer(x)
     torch.testing.assert_close(y, ref["outs"][parallel.dp_rank()], **OUT_TOL)
     ((y * dy).sum() + st.weighted_loss).backward()
-    for name, p in layer.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        expert = getattr(p, "allreduce", True) is False
-        if not expert and ep > 1:
-            dist.all_reduce(g, group=parallel.dp_group())
-        want = ref["grads"][name]
-        if expert and ep > 1:
-            L = want.shape[0] // ep
-            want = want[parallel.ep_rank() * L:(parallel.ep_rank() + 1) * L]
-        if getattr(p, "tensor_model_parallel", False) and tp > 1:
-            want = want.chunk(tp, dim=p.partition_dim)[parallel.tp_rank()]
-        torch.testing.assert_close(g, want, **GRAD_TOL, msg=lambda m: f"grad {name}: {m}")
+    assert_grads_match_shards(layer, ref["grads"], GRAD_TOL)
     if tp > 1:
         assert layer.shared_expert.up_proj.weight.shape[0] == 16 // tp
     full = layer.gather_full("")

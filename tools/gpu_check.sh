@@ -30,7 +30,8 @@ set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-python}"
+# The project's venv when there is one (`make test` runs without activating it), else python.
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python; fi
 COMMAND="tools/gpu_check.sh${*:+ $*}"
 MODE=gpu
 OUT=""

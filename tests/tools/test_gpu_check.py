@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +19,7 @@ STEPS = ["env", "cuda_tests", "bench_moe", "data", "train", "evaluate", "export"
 
 
 def _run(*args, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT), PYTHON=sys.executable)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=str(ROOT), env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -5,7 +5,6 @@ compared number by number; LoRA has none."""
 
 import os
 
-import pytest
 import torch
 
 from megamoe.finetune.config import AdapterConfig
@@ -38,7 +37,6 @@ def _body(rank, world, tmp):
             torch.save({"params": params, "loss": r["final_loss"], "right": r["right"]}, f"{tmp}/{spec}.pt")
 
 
-@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     run_distributed(_body, world_size=2, args=(str(tmp_path),))
     for spec in SPECS:

@@ -47,6 +47,7 @@ def _bias(d, step):
         return [sd[k].clone() for k in KEYS]
 
 
+@pytest.mark.slow  # ~2.5 min; the 2-rank layer test (test_expert_bias.py) runs in make test
 def test_bias_update_is_layout_free_and_resumes(setup, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     _run(setup, a, 2, ["parallel.expert_parallel=2"])

@@ -13,7 +13,13 @@ from typing import Callable
 
 
 class UserError(Exception):
-    """A mistake in the user's input; reported without a traceback."""
+    """A mistake in the user's input; reported without a traceback.
+
+    ``reported``: already printed by the raiser (a collective error path prints on every rank
+    and waits at a barrier before raising, so that no rank's exit makes the launcher kill the
+    others before they have printed); :func:`cli_main` then only exits."""
+
+    reported = False
 
 
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
@@ -24,7 +30,9 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         try:
             rc = fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if not e.reported:
+                sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe do not interleave
+                sys.stderr.flush()
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

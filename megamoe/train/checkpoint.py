@@ -52,6 +52,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -335,9 +336,17 @@ def _sync_errors(d: Path, fn):
     worst = int(comm.all_reduce(torch.tensor([float(code)]), "min").item())
     if worst <= len(files):
         if err is not None and (worst == len(files) or str(files[worst]) in str(err)):
-            raise UserError(str(err)) from None
-        name = files[worst] if worst < len(files) else d
-        raise UserError(str(uni._damaged(name, "reported by another rank"))) from None
+            msg = str(err)
+        else:
+            msg = str(uni._damaged(files[worst] if worst < len(files) else d, "reported by another rank"))
+        # every rank prints, then waits for the others: the first rank to exit would otherwise
+        # make torchrun kill the rest before they print (seen under load)
+        sys.stderr.write(f"error: {msg}\n")  # one write: ranks sharing a pipe do not interleave lines
+        sys.stderr.flush()
+        comm.barrier()
+        e = UserError(msg)
+        e.reported = True
+        raise e from None
 
 
 def load(engine, load_dir: str | Path, current_config: dict | None = None, scheduler=None) -> dict:

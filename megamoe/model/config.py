@@ -92,9 +92,32 @@ class RouterConfig:
     # top-k choice only, moved by rate * sign(mean load - load) after each optimizer step. 0 = off
     # (and no bias buffer: a checkpoint saved with it needs it on to load, and vice versa).
     expert_bias_rate: float = 0.0
+    # Fine-grained routing (megamoe/moe/router.py): score of expert e from its logit l_e,
+    #   softmax       exp(l_e) / sum_j exp(l_j)   (Switch, Mixtral)
+    #   sigmoid       1 / (1 + exp(-l_e))         (DeepSeek-V3)
+    #   sqrtsoftplus  sqrt(log(1 + exp(l_e)))     (DeepSeek-V4)
+    # The combine weights above are built from these scores ('prob' = the raw score).
+    scoring: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V3: 2.5)
+    # Group-limited top-k (DeepSeek-V3 node-limited routing): experts split into n_group
+    # contiguous groups, each scored by the sum of its 2 best scores, the topk_group best groups
+    # kept, top_k experts chosen inside them. n_group 0 or 1 = off.
+    n_group: int = 0
+    topk_group: int = 0
 
     def __post_init__(self):
         check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        check(self.scoring in ("softmax", "sigmoid", "sqrtsoftplus"), "scoring", self.scoring,
+              "must be one of 'softmax', 'sigmoid', 'sqrtsoftplus'")
+        check(math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+              "routed_scaling_factor", self.routed_scaling_factor, "must be a finite number > 0")
+        check(self.n_group >= 0, "n_group", self.n_group, "must be >= 0 (0 or 1 = no group limit)")
+        if self.n_group > 1:
+            check(1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group,
+                  f"must be in [1, n_group={self.n_group}] (how many expert groups each token may use)")
+        else:
+            check(self.topk_group == 0, "topk_group", self.topk_group,
+                  "is set but n_group is 0/1 (no groups): set n_group > 1 too, or topk_group=0")
         check(not (self.combine == "renormalize" and self.top_k == 1), "combine", self.combine,
               "at top_k=1 renormalising gives the constant weight 1 and no router gradient; use "
               "straight_through (value 1 with gradient) or prob")
@@ -196,6 +219,18 @@ class MoEConfig:
         if self.num_experts:
             check(self.router.top_k <= self.num_experts, "router.top_k", self.router.top_k,
                   f"must be <= num_experts={self.num_experts}")
+            g = self.router.n_group
+            if g > 1:
+                check(self.num_experts % g == 0, "router.n_group", g,
+                      f"must divide num_experts={self.num_experts} (experts split into equal groups)")
+                per_group = self.num_experts // g
+                check(per_group >= 2, "router.n_group", g,
+                      f"groups of num_experts/n_group={per_group} expert: a group's score is the sum of "
+                      "its 2 best experts, so each group needs >= 2")
+                reach = self.router.topk_group * per_group
+                check(self.router.top_k <= reach, "router.top_k", self.router.top_k,
+                      f"must be <= topk_group x num_experts/n_group = {self.router.topk_group} x "
+                      f"{per_group} = {reach} (the experts of the chosen groups)")
 
     def moe_layer_indices(self, num_layers: int) -> list[int]:
         if not self.num_experts:

@@ -64,6 +64,26 @@ class RouterOutput:
     probs_TE: torch.Tensor | None = None
 
 
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
+
+
+def score(logits_TE: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Expert scores [T, E] from router logits [T, E], in the logits' dtype (pass fp32).
+
+    ``softmax`` over the experts (sums to 1); ``sigmoid`` per expert (DeepSeek-V3; in (0, 1), no
+    sum rule); ``sqrtsoftplus`` per expert, ``sqrt(log(1 + exp(l)))`` (DeepSeek-V4; in (0, inf)).
+    softplus is torch's stable form (``log1p(exp(l))``, linear above 20), so large logits do not
+    overflow; its sqrt stays > 0 for finite logits, so the gradient ``1/(2 sqrt(.))`` is finite.
+    """
+    if scoring == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    if scoring == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(logits_TE))
+    raise ValueError(f"unknown scoring {scoring!r}: expected one of {', '.join(SCORINGS)}")
+
+
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int | None:
     """Seats per expert, or None for dropless (factor <= 0)."""
     if factor <= 0:

@@ -5,14 +5,14 @@ steps; the central-tensor update-rule ablation on MPO exact; and MPO vs Switch f
     python tools/experiments/mpoe.py            # full study, resumable (results/experiments/mpoe/)
     python tools/experiments/mpoe.py --quick    # toy size (the test suite runs it)
 
-Model (full size): the routing study's decoder (4 blocks, D=128, F=512, V=8000, sequence 128);
+Model (full size): the routing study's decoder (4 blocks, D=128, F=256, V=8000, sequence 128);
 blocks 1 and 3 become MoE with E=8, top-1, straight-through combine weight p/p.detach() (as the
 official RUCAIBox/MPO SwitchFFN), so an upcycled model starts as the dense model. Budget:
-``dense_base`` trains 200 steps of 16 sequences per seed; every upcycled / continued arm trains
-200 more steps from that seed's base (equal steps); the from-scratch arms train 400 steps.
+``dense_base`` trains 150 steps of 16 sequences per seed; every upcycled / continued arm trains
+150 more steps from that seed's base (equal steps); the from-scratch arms train 300 steps.
 MPO: 3 local tensors per matrix; "truncated" caps the bond dimension at 16.
 
-Mask ablation (on MPO exact, upcycled): none; the paper's rule (MPOE figure: with probability
+Mask ablation (on MPO exact, upcycled; its no-mask reference is ``mpo_exact_upcycled``): the paper's rule (MPOE figure: with probability
 p_b = 0.5 per step only the auxiliary tensors are updated, the central tensor and its AdamW
 state untouched); an element-wise Bernoulli(0.5) gradient mask; a central LR x 0.5 control
 (the same expected central step as the skip rule, without the skipping); freeze.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Arm, Study, main  # noqa: E402
 from routing import BASE, QUICK  # noqa: E402
 
-E, LAYERS, BASE_STEPS, MORE_STEPS = 8, "[1,3]", 200, 200
+E, LAYERS, BASE_STEPS, MORE_STEPS = 8, "[1,3]", 150, 150
 
 MOE = [f"moe.num_experts={E}", f"moe.layers={LAYERS}", "moe.router.top_k=1", "moe.router.capacity_factor=1.25",
        "moe.router.combine=straight_through", "moe.mpo.num_tensors=3"]
@@ -85,7 +85,6 @@ def arms() -> list[Arm]:
         Arm("switch_upcycled", MOE + more, group=g, prepare=up, note="copies + 1% noise"),
         Arm("mpo_exact_upcycled", MPO + more, group=g, prepare=up),
         Arm("mpo_trunc16_upcycled", MPO + ["moe.mpo.max_bond_dim=16"] + more, group=g, prepare=up),
-        Arm("mask_none", MPO + more, group=m, prepare=up, note="= mpo_exact_upcycled, own seeds"),
         Arm("mask_skip_p0.5", MPO + ["moe.mpo.grad_mask=skip", "moe.mpo.grad_mask_p=0.5"] + more, group=m, prepare=up,
             note="paper's rule"),
         Arm("mask_bernoulli_0.5", MPO + ["moe.mpo.grad_mask=bernoulli", "moe.mpo.grad_mask_p=0.5"] + more, group=m,
@@ -100,7 +99,7 @@ def arms() -> list[Arm]:
 
 STUDY = Study(name="mpoe", base_overrides=BASE, arms=arms(), describe=__doc__.split("\n\n")[0],
               quick_overrides=QUICK + [f"train.train_steps={QUICK_STEPS}"],
-              reference={"upcycled E=8": "switch_upcycled", "mask ablation (MPO exact, upcycled)": "mask_none",
+              reference={"upcycled E=8": "switch_upcycled", "mask ablation (MPO exact, upcycled)": "mpo_exact_upcycled",
                          "from scratch E=8": "switch_scratch"})
 
 if __name__ == "__main__":

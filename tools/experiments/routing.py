@@ -5,9 +5,12 @@ E=64, with the Hash Layers paper's ablations at E=64.
     python tools/experiments/routing.py --quick    # toy size, whole study in minutes (the test suite runs it)
     python tools/experiments/routing.py --list     # the arms and their overrides
 
-Model (full size): a 4-block decoder, D=128, 4 heads, SwiGLU F=512, V=8000 (the demo tokenizer),
-sequence 128; blocks 1 and 3 are sparse in every MoE arm. Budget: 300 steps of 16 sequences
-(614,400 tokens) per (arm, seed), 3 seeds, valid loss over 16 batches at the end.
+Model (full size): a 4-block decoder, D=128, 4 heads, SwiGLU F=256 (each expert as wide as the
+dense FFN), V=8000 (the demo tokenizer), sequence 128; blocks 1 and 3 are sparse in every MoE arm.
+Budget: 200 steps of 16 sequences (409,600 tokens) per (arm, seed), 3 seeds, valid loss over 16
+batches at the end. Sized so that both studies fit in about 3 hours of 2 CPU cores, run as two
+single-threaded processes: an E=64 step costs ~1 s on one core (64 small expert GEMMs per layer
+dominate, whatever F), ``dense_wide_E64`` ~4 s (a 16,384-wide FFN), a dense step ~0.4 s.
 
 Arms and why:
 - ``dense``: the same decoder without experts (active-parameter baseline, also the source of the
@@ -38,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Arm, Study, main  # noqa: E402
 
 COUNTS = f"{ROOT}/data/corpus_text_document.counts.npy"
-D, F, LAYERS = 128, 512, [1, 3]
+D, F, LAYERS = 128, 256, [1, 3]
 
 BASE = [
     "model.vocab_size=8000", f"model.hidden_size={D}", "model.num_layers=4", "model.num_heads=4",
     f"model.ffn_hidden_size={F}", "model.max_position_embeddings=128", "model.tie_embeddings=true",
     f"data.data_path=[{ROOT}/data/corpus_text_document]", "data.split=98,2,0", "data.seq_length=128",
-    "train.micro_batch_size=16", "train.global_batch_size=16", "train.train_steps=300",
+    "train.micro_batch_size=16", "train.global_batch_size=16", "train.train_steps=200",
     "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup_steps=20", "train.lr_decay=cosine",
     "train.weight_decay=0.1", "train.precision=fp32", "train.zero_stage=1",
     "train.eval_interval=0", "train.eval_iters=16", "train.log_interval=1",

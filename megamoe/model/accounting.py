@@ -94,9 +94,10 @@ def moe_layer_params(cfg: ModelConfig, moe: MoEConfig, index: int) -> tuple[int,
     router = 0 if is_hash else E * D  # hash tables are buffers
     # experts touched per token: top-k; a hash layer's N hashes each pick one expert for one
     # 1/N block, so N experts are touched but together they compute one expert's worth.
-    touched = moe.hash.num_hashes if is_hash else moe.router.top_k
+    k = moe.hash_moe_top_k if index in moe.hash_moe_layer_indices(cfg.num_layers) else moe.router.top_k
+    touched = moe.hash.num_hashes if is_hash else k
     dense_equiv = ffn_params(_no_bias(cfg), ffn)
-    compute = dense_equiv if is_hash else moe.router.top_k * dense_equiv
+    compute = dense_equiv if is_hash else k * dense_equiv
     expert_type = moe.hash.expert_type if is_hash else moe.expert_type
     # shared experts: one always-on FFN of width N x W (+ the optional [1, D] gate)
     router += ffn_params(_no_bias(cfg), moe.shared_experts * (moe.shared_expert_ffn_hidden_size or ffn)) + (

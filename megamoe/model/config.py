@@ -160,6 +160,33 @@ class HashConfig:
 
 
 @dataclass(kw_only=True)
+class HashMoEConfig:
+    """DeepSeek-V4 hash-MoE (megamoe/moe/hash_moe.py), beside the Hash Layers paper's hash layers:
+    the first ``layers`` MoE blocks choose their k experts from a frozen table ``tid2eid`` [V, k]
+    (k distinct experts per token id); the learned gate (``moe.router.weight``, scored by
+    ``moe.router.scoring``) weights them, times ``moe.router.routed_scaling_factor``."""
+
+    layers: int = 0  # how many leading MoE blocks are hash-MoE routed (DeepSeek-V4: 3); 0 = off
+    top_k: int | None = None  # k experts per token id; None -> moe.router.top_k (as DeepSeek-V4)
+    # random: k distinct experts per id, seeded; balanced: greedy over (id, slot) pairs by the
+    # train-split unigram counts (tools/count_tokens.py), each id's k slots on distinct experts.
+    variant: Literal["random", "balanced"] = "random"
+    counts_file: str | None = None  # needed by 'balanced'
+    table_file: str | None = None  # a prebuilt [V, k] int64 .npy instead of building the table
+    seed: int = 1234
+    # Combine weight of chosen expert j: s_j / sum of the k chosen s (normalize=true, DeepSeek-V4's
+    # norm_topk_prob) or s_j, times routed_scaling_factor; s = the gate's score of every expert.
+    normalize: bool = True
+
+    def __post_init__(self):
+        check(self.layers >= 0, "layers", self.layers, "must be >= 0 (the number of leading MoE blocks; 0 = off)")
+        check(self.top_k is None or self.top_k >= 1, "top_k", self.top_k, "must be >= 1 (or null: moe.router.top_k)")
+        if self.layers and self.variant == "balanced" and self.table_file is None:
+            check(self.counts_file is not None, "counts_file", self.counts_file,
+                  "variant 'balanced' needs unigram counts: run tools/count_tokens.py and set moe.hash_moe.counts_file")
+
+
+@dataclass(kw_only=True)
 class MPOConfig:
     """Matrix-product-operator experts with one central tensor shared across a layer's experts."""
 
@@ -206,6 +233,7 @@ class MoEConfig:
     shared_expert_gate: bool = False  # Qwen2-MoE: output scaled by sigmoid(x . w), w [1, D]
     router: RouterConfig = field(default_factory=RouterConfig)
     hash: HashConfig = field(default_factory=HashConfig)
+    hash_moe: HashMoEConfig = field(default_factory=HashMoEConfig)
     mpo: MPOConfig = field(default_factory=MPOConfig)
 
     def __post_init__(self):
@@ -231,6 +259,22 @@ class MoEConfig:
                 check(self.router.top_k <= reach, "router.top_k", self.router.top_k,
                       f"must be <= topk_group x num_experts/n_group = {self.router.topk_group} x "
                       f"{per_group} = {reach} (the experts of the chosen groups)")
+            if self.hash_moe.layers:
+                k = self.hash_moe_top_k
+                field_ = "hash_moe.top_k" if self.hash_moe.top_k is not None else "router.top_k"
+                check(k <= self.num_experts, field_, k,
+                      f"hash-MoE picks k distinct experts per token id: must be <= num_experts={self.num_experts}")
+                check(not (k == 1 and self.hash_moe.normalize), "hash_moe.normalize", self.hash_moe.normalize,
+                      f"at k=1 ({field_}) normalising gives the constant weight routed_scaling_factor and "
+                      "the gate no gradient; set hash_moe.normalize=false or k >= 2")
+
+    @property
+    def hash_moe_top_k(self) -> int:
+        return self.hash_moe.top_k if self.hash_moe.top_k is not None else self.router.top_k
+
+    def hash_moe_layer_indices(self, num_layers: int) -> list[int]:
+        """The first ``hash_moe.layers`` MoE blocks (DeepSeek-V4's leading hash-MoE layers)."""
+        return self.moe_layer_indices(num_layers)[: self.hash_moe.layers] if self.hash_moe.layers else []
 
     def moe_layer_indices(self, num_layers: int) -> list[int]:
         if not self.num_experts:
@@ -286,6 +330,19 @@ def check_model_layout(model: ModelConfig, moe: MoEConfig, parallel: ParallelCon
     if moe.num_experts and not moe.moe_layer_indices(model.num_layers):
         raise ConfigError("moe.num_experts", moe.num_experts,
                           "no block is sparse: also set moe.layers (list), moe.every (k) or moe.hash_layers")
+    if not moe.num_experts and moe.hash_moe.layers:
+        raise ConfigError("moe.hash_moe.layers", moe.hash_moe.layers,
+                          "hash-MoE routes MoE blocks but num_experts is 0: set moe.num_experts > 0")
+    if moe.num_experts and moe.hash_moe.layers:
+        moe_blocks = moe.moe_layer_indices(model.num_layers)
+        if moe.hash_moe.layers > len(moe_blocks):
+            raise ConfigError("moe.hash_moe.layers", moe.hash_moe.layers,
+                              f"exceeds the {len(moe_blocks)} MoE blocks {moe_blocks} (moe.layers / every / hash_layers)")
+        both = sorted(set(moe.hash_moe_layer_indices(model.num_layers)) & set(moe.hash_layers))
+        if both:
+            raise ConfigError("moe.hash_moe.layers", moe.hash_moe.layers,
+                              f"the leading MoE blocks {both} are also paper hash layers (moe.hash_layers): a block "
+                              "is routed one way; shorten hash_moe.layers or move the hash layers after them")
     if not moe.num_experts and (moe.layers or moe.hash_layers):
         raise ConfigError("moe.num_experts", moe.num_experts,
                           "moe.layers / moe.hash_layers are set but num_experts is 0: set num_experts > 0")

@@ -199,14 +199,15 @@ def dispersed_clusters(embed_VD: torch.Tensor, num_experts: int, seed: int) -> t
     return kmeans(embed_VD, max(1, round(embed_VD.shape[0] / num_experts)), seed=seed)
 
 
-def load_counts(path: str | Path, vocab_size: int) -> np.ndarray:
+def load_counts(path: str | Path, vocab_size: int, field: str = "moe.hash.counts_file") -> np.ndarray:
+    """Train-split unigram counts [V] (``field`` names the setting in errors; hash-MoE passes its own)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"moe.hash.counts_file={str(path)!r} does not exist; run tools/count_tokens.py "
+        raise UserError(f"{field}={str(path)!r} does not exist; run tools/count_tokens.py "
                         f"on the training data first (it writes <data-prefix>.counts.npy)")
     counts = np.load(path, allow_pickle=False)
     if counts.ndim != 1 or counts.shape[0] > vocab_size:
-        raise UserError(f"moe.hash.counts_file={str(path)!r} holds shape {counts.shape}; expected [V] with "
+        raise UserError(f"{field}={str(path)!r} holds shape {counts.shape}; expected [V] with "
                         f"V <= model.vocab_size={vocab_size} (counts of another tokenizer?)")
     out = np.zeros(vocab_size, dtype=np.int64)
     out[: counts.shape[0]] = counts

@@ -4,7 +4,8 @@ Legend: T tokens (all leading dims of x flattened), D width, E experts, K choice
 (top-k, or the number of hashes for MultiHash), S = E * blocks slots, L local slots.
 
 ``MoELayer(model_cfg, moe_cfg, layer_index)`` picks the router (hash when ``layer_index`` is in
-``moe_cfg.hash_layers``, learned top-k otherwise) and the experts (``ffn`` or ``mpo``: for hash
+``moe_cfg.hash_layers``; DeepSeek-V4 hash-MoE, hash_moe.py, in the first ``moe.hash_moe.layers`` MoE
+blocks; learned top-k otherwise) and the experts (``ffn`` or ``mpo``: for hash
 layers ``moe_cfg.hash.expert_type``, else ``moe_cfg.expert_type``). Process groups come from
 megamoe.parallel at construction (EP shards experts, TP shards FFN experts' width); build it
 after ``init_parallel`` (or without it for one process).
@@ -21,7 +22,7 @@ Shared experts (``moe.shared_experts`` N > 0): one always-on FFN of width N x W
 routed output, optionally scaled by ``sigmoid(x . shared_expert_gate.weight)`` (Qwen2-MoE).
 
 Full state dict: :meth:`gather_full` / :meth:`load_full` map to/from the canonical names of
-notes/common.md (``{prefix}router.weight|table|expert_bias``, ``{prefix}experts...``,
+notes/common.md (``{prefix}router.weight|table|tid2eid|expert_bias``, ``{prefix}experts...``,
 ``{prefix}shared_expert.{gate,up,down}_proj.weight``, ``{prefix}shared_expert_gate.weight``),
 gathering or slicing EP and TP shards; every rank gets / gives the full dict.
 """
@@ -43,6 +44,7 @@ from megamoe.model.mlp import MLP
 from megamoe.model.state_dict import expected_keys, gather_full_state_dict, load_full_state_dict
 from megamoe.moe.dispatcher import Dispatcher
 from megamoe.moe.experts import FFNExperts
+from megamoe.moe.hash_moe import HashMoERouter
 from megamoe.moe.hashing import HashRouter, RoutingContext
 from megamoe.moe.mpo import MPOExperts
 from megamoe.moe.router import LearnedRouter, RouterOutput
@@ -86,18 +88,23 @@ class MoELayer(nn.Module):
         E, D = moe_cfg.num_experts, model_cfg.hidden_size
         F = moe_cfg.expert_ffn_hidden_size or model_cfg.ffn_hidden_size
         self.is_hash = layer_index in moe_cfg.hash_layers
+        self.is_hash_moe = layer_index in moe_cfg.hash_moe_layer_indices(model_cfg.num_layers)
         self.num_experts, self.hidden = E, D
         self.num_blocks = moe_cfg.hash.num_hashes if self.is_hash else 1
         rc = moe_cfg.router
-        self.aux_loss_coef = 0.0 if self.is_hash else rc.aux_loss_coef
-        self.z_loss_coef = 0.0 if self.is_hash else rc.z_loss_coef
-        self.seq_aux_loss_coef = 0.0 if self.is_hash else rc.seq_aux_loss_coef
-        self.global_aux_loss_coef = 0.0 if self.is_hash else rc.global_aux_loss_coef
+        fixed = self.is_hash or self.is_hash_moe  # choice by a table: no balance losses
+        self.aux_loss_coef = 0.0 if fixed else rc.aux_loss_coef
+        self.z_loss_coef = 0.0 if self.is_hash else rc.z_loss_coef  # hash-MoE keeps its gate's z-loss
+        self.seq_aux_loss_coef = 0.0 if fixed else rc.seq_aux_loss_coef
+        self.global_aux_loss_coef = 0.0 if fixed else rc.global_aux_loss_coef
         ep, ep_rank, ep_group = parallel.ep_size(), parallel.ep_rank(), parallel.ep_group()
         tp, tp_rank, tp_group = parallel.tp_size(), parallel.tp_rank(), parallel.tp_group()
         if self.is_hash:
             self.router = HashRouter(moe_cfg.hash, E, model_cfg.vocab_size, model_cfg.max_position_embeddings,
                                      build=build_tables)
+        elif self.is_hash_moe:
+            self.router = HashMoERouter(D, E, moe_cfg.hash_moe_top_k, moe_cfg.hash_moe, rc, model_cfg.vocab_size,
+                                        model_cfg.init_std, build=build_tables)
         else:
             self.router = LearnedRouter(D, E, rc, model_cfg.init_std)
         expert_type = moe_cfg.hash.expert_type if self.is_hash else moe_cfg.expert_type

@@ -31,6 +31,35 @@ Choices (methods.md section 1):
   use the unbiased probabilities; choice order (first choice, ``position`` drops) follows the
   biased scores. The buffer stays fp32 through ``.to(dtype)`` / ``.bfloat16()``: a bias moved
   by steps of ~1e-3 would stall in bf16.
+
+Fine-grained routing (issue 12 item 4), in the order the router applies it:
+1. Scores ``s = score(logits, router.scoring)``: ``softmax`` (default), ``sigmoid``
+   (DeepSeek-V3, transformers ``DeepseekV3TopkRouter``; Megatron-Core
+   ``moe_router_score_function="sigmoid"``) or ``sqrtsoftplus`` = sqrt(softplus(l)) (DeepSeek-V4,
+   transformers ``DeepseekV4TopKRouter`` via ``ACT2FN["sqrtsoftplus"]``).
+2. Choice scores ``c = s.detach() + expert_bias`` (bias only when on).
+3. Group limit (``router.n_group`` G > 1, ``router.topk_group`` J; DeepSeek-V3 node-limited
+   routing, transformers ``get_topk_indices``): experts ``[g*E/G, (g+1)*E/G)`` form group g; a
+   group's score is the sum of its 2 best choice scores (DeepSeek-V3's rule, bias included; Megatron
+   ``group_limited_topk`` sums the best ``top_k / J`` instead, the same at V3's k=8, J=4); the J
+   best groups stay, every other expert's choice score becomes -inf. Trap: transformers fills
+   the masked experts with 0.0, which a negative biased score in a kept group would lose to;
+   -inf cannot win (the config guarantees ``top_k <= J * E / G`` finite candidates).
+4. ``top_k`` experts by ``c`` (sorted: choice 0 is the best), combine weights from the UNBIASED
+   scores ``s`` of the chosen experts by ``router.combine``: ``prob`` the raw score (for sigmoid the
+   sigmoid itself, as Megatron at top-1), ``renormalize`` ``s_k / (S + 1e-20)`` (DeepSeek-V3's
+   ``norm_topk_prob``, V4, Megatron sigmoid at k > 1), ``straight_through`` its value with the
+   ``prob / S`` gradient. The 1e-20 keeps sqrtsoftplus's underflowing scores (softplus(l) = 0
+   for l < -104 in fp32) from dividing 0 by 0; for softmax ``S >= 1/E`` and adding it rounds away,
+   so softmax weights are bit for bit what they were.
+5. Weights times ``router.routed_scaling_factor`` (DeepSeek-V3/V4; Megatron
+   ``moe_router_topk_scaling_factor``), after the renormalisation.
+Losses and statistics read ``probs_TE``: the softmax itself, or for sigmoid / sqrtsoftplus the
+scores normalised over all E experts per token, ``s / (sum_e s_e + 1e-20)`` (Megatron
+``compute_routing_scores_for_aux_loss``; DeepSeek-V3's sequence loss normalises the same way,
+eq. 19), so the Switch, sequence and global losses keep their "1 for a uniform router" scale.
+Unbiased and ungrouped: the balance losses measure the router, not the selection rule. The
+z-loss stays ``mean(logsumexp(logits)^2)`` on the logits whatever the scoring (as Megatron).
 """
 
 from __future__ import annotations
@@ -53,7 +82,9 @@ class RouterOutput:
     weights_TK:    float [T, K] combine weight (1.0 for hash routing).
     keep_TK:       bool [T, K] False where capacity dropped the pair.
     lb_loss, z_loss: scalar fp32 tensors (0 for hash routing), unscaled.
-    probs_TE:      router probabilities (None for hash routing), for statistics.
+    probs_TE:      router probabilities over the E experts (None for hash routing), for the
+                   balance losses and statistics: the softmax, or the sigmoid / sqrtsoftplus
+                   scores normalised per token to sum 1.
     """
 
     expert_ids_TK: torch.Tensor
@@ -82,6 +113,26 @@ def score(logits_TE: torch.Tensor, scoring: str) -> torch.Tensor:
     if scoring == "sqrtsoftplus":
         return torch.sqrt(F.softplus(logits_TE))
     raise ValueError(f"unknown scoring {scoring!r}: expected one of {', '.join(SCORINGS)}")
+
+
+def group_limited_choice(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """``choice_TE`` with -inf for every expert outside the token's ``topk_group`` best of
+    ``n_group`` contiguous expert groups, a group scored by the sum of its 2 best entries
+    (DeepSeek-V3). Selection only: call it on detached (biased) scores."""
+    T, E = choice_TE.shape
+    grouped_TGC = choice_TE.view(T, n_group, E // n_group)
+    group_score_TG = grouped_TGC.topk(2, dim=-1).values.sum(-1)
+    kept_TJ = group_score_TG.topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, kept_TJ, True)
+    return grouped_TGC.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
+
+
+def aux_probs(scores_TE: torch.Tensor, scoring: str) -> torch.Tensor:
+    """The per-token distribution the balance losses read: softmax as is, other scores
+    normalised over the experts (Megatron ``compute_routing_scores_for_aux_loss``)."""
+    if scoring == "softmax":
+        return scores_TE
+    return scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int | None:
@@ -147,26 +198,29 @@ class LearnedRouter(nn.Module):
         return F.linear(x_TD, self.weight.to(x_TD.dtype))
 
     def routing(self, logits_TE: torch.Tensor) -> RouterOutput:
+        """Steps 1-5 of the module docstring, then capacity."""
         cfg, E = self.cfg, self.num_experts
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        if self.expert_bias is None:
-            top_probs_TK, expert_ids_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
-        else:  # biased choice, unbiased weights
-            choice_TE = probs_TE.detach() + self.expert_bias.to(probs_TE.dtype)
-            expert_ids_TK = torch.topk(choice_TE, cfg.top_k, dim=-1).indices
-            top_probs_TK = probs_TE.gather(1, expert_ids_TK)
-        weights_TK = top_probs_TK
-        if cfg.combine == "renormalize":
-            weights_TK = top_probs_TK / top_probs_TK.sum(-1, keepdim=True)
-        elif cfg.combine == "straight_through":
-            weights_TK = top_probs_TK / top_probs_TK.sum(-1, keepdim=True).detach()
+        scores_TE = score(logits_TE, cfg.scoring)
+        choice_TE = scores_TE.detach()  # selection has no gradient; weights gather from scores_TE
+        if self.expert_bias is not None:  # biased choice, unbiased weights
+            choice_TE = choice_TE + self.expert_bias.to(scores_TE.dtype)
+        if cfg.n_group > 1:
+            choice_TE = group_limited_choice(choice_TE, cfg.n_group, cfg.topk_group)
+        expert_ids_TK = torch.topk(choice_TE, cfg.top_k, dim=-1).indices
+        top_scores_TK = scores_TE.gather(1, expert_ids_TK)
+        weights_TK = top_scores_TK
+        if cfg.combine != "prob":
+            sum_T1 = top_scores_TK.sum(-1, keepdim=True) + 1e-20
+            weights_TK = top_scores_TK / (sum_T1 if cfg.combine == "renormalize" else sum_T1.detach())
+        weights_TK = weights_TK * cfg.routed_scaling_factor
         T, K = expert_ids_TK.shape
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         if cfg.drop_policy == "position":  # all first choices (in token order), then second...
             priority_TK = torch.arange(T * K, device=logits_TE.device).view(K, T).t()
         else:
-            priority_TK = -top_probs_TK.detach()
+            priority_TK = -top_scores_TK.detach()
         keep_TK = capacity_keep_mask(expert_ids_TK, priority_TK, E, capacity(T, K, E, factor))
+        probs_TE = aux_probs(scores_TE, cfg.scoring)
         return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK.float(), keep_TK=keep_TK,
                             lb_loss=load_balancing_loss(probs_TE, expert_ids_TK[:, 0]).float(),
                             z_loss=z_loss(logits_TE).float(), probs_TE=probs_TE)

@@ -23,27 +23,30 @@ def _run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
                            *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("script", ["routing.py", "mpoe.py"])
-def test_quick_study_end_to_end_and_resumable(script, tmp_path):
+# balance.py: two arms only (its other four are the same code path at other settings)
+@pytest.mark.parametrize("script,only", [("routing.py", ""), ("mpoe.py", ""), ("balance.py", "aux_E16,bias_E16")])
+def test_quick_study_end_to_end_and_resumable(script, only, tmp_path):
     if not (ROOT / "data" / "corpus_text_document.idx").is_file():
         pytest.skip("needs the corpus: run `make data`")
     out = tmp_path / script.removesuffix(".py")
-    p = _run(script, out)
+    extra = ("--only", only) if only else ()
+    p = _run(script, out, *extra)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     import importlib
 
     study = importlib.import_module(script.removesuffix(".py")).STUDY
     rows = {r["arm"]: r for r in summary["rows"]}
-    assert set(rows) == {a.name for a in study.arms}
+    assert set(rows) == ({a.name for a in study.arms} if not only else set(only.split(",")))
     for r in rows.values():
         assert r["seeds"] == 2 and r["valid_ppl_se"] >= 0 and r["valid_ppl"] > 1
         assert r["params_active"] <= r["params_total"]
     assert (out / "loss_curves.png").stat().st_size > 1000
+    assert (out / "max_load.png").stat().st_size > 1000
     assert "± " in (out / "summary.md").read_text()
     # resumable: every (arm, seed) is cached, so a rerun trains nothing and rewrites no result
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*.json")}
-    p = _run(script, out)
+    p = _run(script, out, *extra)
     assert p.returncode == 0, p.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*.json")} == before
 
@@ -59,3 +62,21 @@ def test_two_se_rule():
     assert verdict(10.0, 0.1, 10.25, 0.1) == "tie"  # gap 0.25 < 2 * sqrt(0.02) = 0.28
     assert verdict(10.0, 0.1, 10.3, 0.1) == "better"
     assert verdict(10.3, 0.1, 10.0, 0.1) == "worse"
+
+
+def test_same_as_reuses_the_twin_result_and_trains_it_when_absent(tmp_path, monkeypatch):
+    import common
+
+    calls = []
+    monkeypatch.setattr(common, "run_one", lambda study, arm, seed, out, quick: calls.append((arm.name, seed))
+                        or {"arm": arm.name, "seed": seed, "valid_lm_loss": 1.0})
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    twin = tmp_path / "results" / "experiments" / "other" / "a"
+    twin.mkdir(parents=True)
+    (twin / "seed0.json").write_text(json.dumps({"arm": "a", "seed": 0, "valid_lm_loss": 2.5, "study": "other"}))
+    study = common.Study(name="s", base_overrides=[], quick_overrides=[], reference={},
+                         arms=[common.Arm("b", [], group="g", same_as="other/a")])
+    recs = common.run_study(study, tmp_path / "out", quick=False, seeds=2, only=None)
+    assert calls == [("b", 1)]  # seed 0 reused, seed 1 had no twin
+    assert recs[0]["valid_lm_loss"] == 2.5 and recs[0]["reused_from"] == "other/a" and recs[0]["arm"] == "b"
+    assert json.loads((tmp_path / "out" / "b" / "seed0.json").read_text())["study"] == "s"

@@ -39,6 +39,9 @@ class Arm:
     group: str = ""  # table section (e.g. "E=16")
     note: str = ""  # shown in the table (e.g. "analysis only")
     prepare: object = None  # callable(arm, seed, run_dir) -> extra overrides, run before training
+    # "<study>/<arm>": the same configuration and seeds as that arm of another study; its cached
+    # full-size result is reused (copied, marked) instead of rerun. Trained here when absent.
+    same_as: str = ""
 
 
 @dataclass
@@ -126,7 +129,12 @@ def run_study(study: Study, out: Path, quick: bool, seeds: int, only: list[str] 
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
-        rec = run_one(study, arm, seed, out, quick)
+        twin = ROOT / "results" / "experiments" / arm.same_as / f"seed{seed}.json"
+        if arm.same_as and not quick and twin.is_file():
+            rec = dict(json.loads(twin.read_text()), study=study.name, arm=arm.name, group=arm.group,
+                       reused_from=arm.same_as)
+        else:
+            rec = run_one(study, arm, seed, out, quick)
         atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
         records.append(rec)
     return records
@@ -195,18 +203,18 @@ def markdown(study: Study, rows: list[dict], command: str, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(study: Study, records: list[dict], png: Path) -> None:
-    """Mean train lm-loss curve per arm (one panel per group), smoothed over 10 % of the run."""
+def _plot_groups(study: Study, groups: list[str], curves_of, ylabel: str, png: Path) -> None:
+    """One panel per group, one line per arm: the mean over ``curves_of(arm)`` (lists of
+    [step, value]) smoothed over 10 % of the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(a.group for a in study.arms))
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, g in zip(axes[0], groups):
         for arm in (a for a in study.arms if a.group == g):
-            curves = [r["train_curve"] for r in records if r["arm"] == arm.name]
+            curves = curves_of(arm)
             if not curves:
                 continue
             n = min(len(c) for c in curves)
@@ -217,13 +225,30 @@ def plot_curves(study: Study, records: list[dict], png: Path) -> None:
             ax.plot(steps, smooth, label=arm.name, lw=1)
         ax.set_title(f"{study.name} {g}")
         ax.set_xlabel("step")
-        ax.set_ylabel("train lm loss (smoothed)")
+        ax.set_ylabel(f"{ylabel} (smoothed)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_curves(study: Study, records: list[dict], png: Path) -> None:
+    """Mean train lm-loss curve per arm, one panel per group."""
+    _plot_groups(study, list(dict.fromkeys(a.group for a in study.arms)),
+                 lambda arm: [r["train_curve"] for r in records if r["arm"] == arm.name], "train lm loss", png)
+
+
+def plot_load(study: Study, records: list[dict], png: Path) -> None:
+    """Max/mean expert load over training (mean over seeds and MoE layers), one panel per group
+    that has MoE arms: 1 is perfect balance, E is every token on one expert."""
+    groups = [g for g in dict.fromkeys(a.group for a in study.arms)
+              if any(r.get("max_load_curve") for r in records if r["group"] == g)]
+    if groups:
+        _plot_groups(study, groups, lambda arm: [c for r in records if r["arm"] == arm.name
+                                                 for c in r.get("max_load_curve", {}).values()],
+                     "max / mean expert load", png)
 
 
 def report(study: Study, out: Path, command: str, quick: bool) -> list[dict]:
@@ -234,6 +259,7 @@ def report(study: Study, out: Path, command: str, quick: bool) -> list[dict]:
     atomic_write_text(out / "summary.md", markdown(study, rows, command, quick))
     if records:
         plot_curves(study, records, out / "loss_curves.png")
+        plot_load(study, records, out / "max_load.png")
     return rows
 
 
@@ -266,5 +292,5 @@ def main(study: Study, argv=None) -> int:
         run_study(study, out, args.quick, seeds, only)
     rows = report(study, out, command, args.quick)
     print0(markdown(study, rows, command, args.quick))
-    print0(f"wrote {out}/summary.md, summary.json, loss_curves.png")
+    print0(f"wrote {out}/summary.md, summary.json, loss_curves.png, max_load.png")
     return 0

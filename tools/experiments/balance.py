@@ -1,0 +1,53 @@
+"""Balance study (issue 12 item 7): the Switch auxiliary loss, aux-loss-free expert bias, and both,
+at E=16 and E=64, with validation perplexity and the max/mean expert load over training.
+
+    python tools/experiments/balance.py            # full study, resumable (results/experiments/balance/)
+    python tools/experiments/balance.py --quick    # toy size (the test suite runs it)
+
+Model and budget: the routing study's (tools/experiments/routing.py: 4 blocks, D=128, F=256,
+V=8000, sequence 128, blocks 1 and 3 sparse, 200 steps of 16 sequences, 3 seeds), Switch top-1
+with the straight-through combine weight and capacity factor 1.25 in every arm, so only the
+balancing rule differs:
+- ``aux``: the micro-batch Switch loss, coefficient 0.01 (= routing's ``switch_top1_st_E*``,
+  whose cached results are reused: same configuration, same seeds).
+- ``bias``: no aux loss; the DeepSeek-V3 selection bias moved by ``rate * sign(mean - load)``
+  after each step, rate 1e-3 (Megatron-Core's ``moe_router_bias_update_rate`` default).
+- ``aux_bias``: both.
+The z-loss (0.001) stays on in every arm. ``max/mean load`` is the busiest expert's share of the
+routed tokens over the mean share, before capacity drops: 1 is perfect balance.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Arm, Study, main  # noqa: E402
+from routing import BASE, QUICK, SWITCH, _moe  # noqa: E402
+
+BIAS_RATE = 1e-3
+
+
+def arms() -> list[Arm]:
+    out = []
+    for E in (16, 64):
+        switch = _moe(E, False) + SWITCH + ["moe.router.combine=straight_through"]
+        bias = [f"moe.router.expert_bias_rate={BIAS_RATE}"]
+        g = f"E={E}"
+        out += [
+            Arm(f"aux_E{E}", switch, group=g, same_as=f"routing/switch_top1_st_E{E}", note="aux 0.01"),
+            Arm(f"bias_E{E}", switch + ["moe.router.aux_loss_coef=0"] + bias, group=g, note=f"bias rate {BIAS_RATE}"),
+            Arm(f"aux_bias_E{E}", switch + bias, group=g, note="both"),
+        ]
+    return out
+
+
+STUDY = Study(name="balance", base_overrides=BASE, quick_overrides=QUICK, arms=arms(),
+              reference={"E=16": "aux_E16", "E=64": "aux_E64"}, describe=__doc__.split("\n\n")[0])
+
+if __name__ == "__main__":
+    from megamoe.errors import cli_main
+
+    cli_main(lambda: main(STUDY))()

@@ -46,6 +46,17 @@ class MegamoeConfig(PretrainedConfig):
         top1_weight: str = "prob",  # "prob": combine weight p of the single expert; "one": weight 1
         learned_expert_type: str = "ffn",  # "ffn" | "mpo"
         router_expert_bias: bool = False,  # learned routers choose by probs + router.expert_bias
+        # fine-grained routing (native moe.router.scoring / routed_scaling_factor / n_group /
+        # topk_group): scores softmax | sigmoid | sqrtsoftplus, weights times the factor, and
+        # DeepSeek-V3 group-limited top-k when n_group > 1 (0 = off)
+        scoring_func: str = "softmax",
+        routed_scaling_factor: float = 1.0,
+        n_group: int = 0,
+        topk_group: int = 0,
+        # shared experts (native moe.shared_experts N > 0) in every MoE block, learned or hash:
+        # one unbiased FFN of width N x W (0 = none), optionally scaled by sigmoid(x . w), w [1, D]
+        shared_expert_intermediate_size: int = 0,
+        shared_expert_gate: bool = False,
         # hash router
         hash_variant: str = "random",
         num_hashes: int = 1,
@@ -93,6 +104,14 @@ class MegamoeConfig(PretrainedConfig):
         self.top1_weight = top1_weight
         self.learned_expert_type = learned_expert_type
         self.router_expert_bias = router_expert_bias
+        if scoring_func not in ("softmax", "sigmoid", "sqrtsoftplus"):
+            raise ValueError(f"scoring_func={scoring_func!r}: need 'softmax' | 'sigmoid' | 'sqrtsoftplus'")
+        self.scoring_func = scoring_func
+        self.routed_scaling_factor = routed_scaling_factor
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.shared_expert_gate = shared_expert_gate
         self.hash_variant = hash_variant
         self.num_hashes = num_hashes
         self.bigram_prime = bigram_prime

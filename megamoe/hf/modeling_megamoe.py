@@ -18,6 +18,14 @@ Inference semantics, and where they differ from native *training*:
 - an expert bias (``config.router_expert_bias``: ``router.expert_bias`` [E], fp32, native
   ``moe.router.expert_bias_rate > 0``) is added to the probabilities for the top-k choice only;
   the combine weights are the unbiased probabilities (as DeepSeek-V3's ``e_score_correction_bias``).
+- scoring (``config.scoring_func``): softmax, sigmoid (DeepSeek-V3) or sqrt(softplus) (DeepSeek-V4)
+  scores; with ``n_group`` > 1 the choice is limited to the ``topk_group`` best of ``n_group``
+  contiguous expert groups (a group's score: the sum of its 2 best biased scores; the others get
+  -inf); combine weights are the unbiased scores of the chosen experts, renormalised by
+  ``S + 1e-20`` when ``normalize_top_k``, times ``routed_scaling_factor`` (native router.py).
+- shared experts (``config.shared_expert_intermediate_size`` > 0, native ``moe.shared_experts``)
+  run beside the routed experts of every MoE block, learned or hash, and are added to their
+  output, optionally scaled by ``sigmoid(x . shared_expert_gate.weight)`` (Qwen2-MoE).
 - hash routing needs token ids: current ids (``input_ids``), previous ids (``previous``
   and ``bigram`` variants) and positions (``position`` variant). During cached decoding the
   previous id of the first new token lies in the cache's past: :meth:`prepare_inputs_for_generation`
@@ -115,11 +123,11 @@ class MLP(nn.Module):
     """Dense FFN (exact-erf GELU, biases when ``config.bias``); also one FFN expert
     (``experts.{e}``: never biased, tanh GELU -- both as in native megamoe)."""
 
-    def __init__(self, config: MegamoeConfig, hidden: int, expert: bool = False):
+    def __init__(self, config: MegamoeConfig, hidden: int, expert: bool = False, bias: bool | None = None):
         super().__init__()
         self.config = config
         self.gelu = config.expert_gelu_approximate if expert else config.gelu_approximate
-        d, b = config.hidden_size, config.bias and not expert
+        d, b = config.hidden_size, (config.bias and not expert) if bias is None else bias
         if config.activation == "swiglu":
             self.gate_proj = nn.Linear(d, hidden, bias=b)
         self.up_proj = nn.Linear(d, hidden, bias=b)
@@ -226,6 +234,24 @@ class HashRouter(nn.Module):
             self.register_buffer("table", torch.zeros(config.hash_table_shape, dtype=torch.long))
 
 
+def expert_scores(logits_TE, scoring: str):
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    if scoring == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(logits_TE))
+    return logits_TE.softmax(dim=-1)
+
+
+def group_limited_choice(choice_TE, n_group: int, topk_group: int):
+    """-inf for experts outside the ``topk_group`` best of ``n_group`` contiguous groups (a
+    group scored by the sum of its 2 best entries, DeepSeek-V3)."""
+    T, E = choice_TE.shape
+    grouped_TGC = choice_TE.view(T, n_group, E // n_group)
+    kept_TJ = grouped_TGC.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros(T, n_group, dtype=torch.bool, device=choice_TE.device).scatter_(1, kept_TJ, True)
+    return grouped_TGC.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
+
+
 class LearnedMoE(nn.Module):
     """Top-k routing, dropless (see the module docstring for capacity)."""
 
@@ -239,17 +265,20 @@ class LearnedMoE(nn.Module):
         cfg, (B, S, D) = self.config, x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
+        scores_TE = expert_scores(logits_TE, cfg.scoring_func)
+        choice_TE = scores_TE
         bias_E = getattr(self.router, "expert_bias", None)
-        if bias_E is None:
-            weights_TK, experts_TK = probs_TE.topk(cfg.num_experts_per_tok, dim=-1)
-        else:  # biased choice, unbiased weights
-            experts_TK = (probs_TE + bias_E.float()).topk(cfg.num_experts_per_tok, dim=-1).indices
-            weights_TK = probs_TE.gather(1, experts_TK)
+        if bias_E is not None:  # biased choice, unbiased weights
+            choice_TE = scores_TE + bias_E.float()
+        if cfg.n_group > 1:
+            choice_TE = group_limited_choice(choice_TE, cfg.n_group, cfg.topk_group)
+        experts_TK = choice_TE.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
         if cfg.num_experts_per_tok > 1 and cfg.normalize_top_k:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.num_experts_per_tok == 1 and cfg.top1_weight == "one":
             weights_TK = torch.ones_like(weights_TK)
+        weights_TK = weights_TK * cfg.routed_scaling_factor
         out_TD = torch.zeros_like(x_TD)
         for e in experts_TK.unique().tolist():
             tok, slot = torch.where(experts_TK == e)
@@ -295,6 +324,27 @@ class HashMoE(nn.Module):
         return out_TD.view(B, S, D)
 
 
+def add_shared_expert(moe: nn.Module, config: MegamoeConfig) -> None:
+    """Shared experts of an MoE block (native ``moe.shared_experts`` N > 0): ``moe.shared_expert``,
+    one dense-style FFN of width N x W *without* biases whatever ``config.bias`` (the sum of N
+    FFNs is one FFN over their concatenated hidden units), and with ``config.shared_expert_gate``
+    ``moe.shared_expert_gate`` [1, D] scaling it by ``sigmoid(x . w)`` per token (Qwen2-MoE)."""
+    if config.shared_expert_intermediate_size:
+        moe.shared_expert = MLP(config, config.shared_expert_intermediate_size, bias=False)
+        if config.shared_expert_gate:
+            moe.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+
+def shared_expert_output(moe: nn.Module, x_BSD):
+    """The shared experts' output on ``x_BSD`` (None when the block has none)."""
+    if getattr(moe, "shared_expert", None) is None:
+        return None
+    s_BSD = moe.shared_expert(x_BSD)
+    if getattr(moe, "shared_expert_gate", None) is not None:
+        s_BSD = torch.sigmoid(moe.shared_expert_gate(x_BSD)) * s_BSD
+    return s_BSD
+
+
 class Block(nn.Module):
     def __init__(self, config: MegamoeConfig, layer_idx: int):
         super().__init__()
@@ -306,11 +356,15 @@ class Block(nn.Module):
             self.mlp = MLP(config, config.intermediate_size)
         else:
             self.moe = LearnedMoE(config) if self.kind == "learned" else HashMoE(config)
+            add_shared_expert(self.moe, config)
 
     def forward(self, x, cos_sin, mask, cache, ids):
         x = x + self.attn(self.attn_norm(x), cos_sin, mask, cache)
         h = self.mlp_norm(x)
-        return x + (self.mlp(h) if self.kind == "dense" else self.moe(h, ids))
+        if self.kind == "dense":
+            return x + self.mlp(h)
+        y, s = self.moe(h, ids), shared_expert_output(self.moe, h)
+        return x + (y if s is None else y + s)  # native order: (routed + shared), then the residual
 
 
 class MegamoePreTrainedModel(PreTrainedModel):

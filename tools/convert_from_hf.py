@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Import a local Llama or Mixtral Hugging Face checkpoint as a megamoe checkpoint.
+"""Import a local Llama, Mixtral or Qwen2-MoE Hugging Face checkpoint as a megamoe checkpoint.
 
     python tools/convert_from_hf.py --hf-dir path/to/llama --output runs/init/llama
     python tools/convert_from_hf.py --hf-dir path/to/llama --output runs/init/llama-moe \\
@@ -24,7 +24,7 @@ from megamoe.errors import UserError, cli_main  # noqa: E402
 @cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="local Hugging Face model directory (Llama or Mixtral)")
+    p.add_argument("--hf-dir", required=True, help="local Hugging Face model directory (Llama, Mixtral or Qwen2-MoE)")
     p.add_argument("--output", required=True, help="directory for the megamoe checkpoint")
     p.add_argument("--upcycle", choices=["switch", "hash", "mpo"], default=None,
                    help="turn a dense model's FFN blocks into experts of this kind")

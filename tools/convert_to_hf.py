@@ -7,7 +7,8 @@
 
 Reads any TP/EP/DP layout and ZeRO stage: the fp32 master weights, experts included, from the
 checkpoint's canonical shards (megamoe/train/universal.py). Dense Llama-style models become
-LlamaForCausalLM, learned top-k (k>=2) SwiGLU MoE models MixtralForCausalLM, everything else the
+LlamaForCausalLM, learned top-k (k>=2) SwiGLU MoE models MixtralForCausalLM, such models with a
+sigmoid-gated shared expert in every MoE block Qwen2MoeForCausalLM, everything else the
 custom ``megamoe`` architecture (code shipped in the export, trust_remote_code=True). The export
 appears atomically; an output directory holding a different model is refused without --overwrite.
 """
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
                                                "(default: the one 'latest' names)")
     p.add_argument("--output", required=True, help="directory to write the Hugging Face model into")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype of the export")
-    p.add_argument("--target", default="auto", choices=["auto", "llama", "mixtral", "megamoe"],
+    p.add_argument("--target", default="auto", choices=["auto", "llama", "mixtral", "qwen2_moe", "megamoe"],
                    help="architecture; auto = the stock one that computes exactly the same, else megamoe")
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece .model to export (default: data.tokenizer_model of the run config, else "

@@ -1,6 +1,6 @@
 """Write a canonical megamoe state dict as a Hugging Face model directory.
 
-Steps: pick the target (stock Llama / Mixtral when exact, else ``megamoe``) -> build its
+Steps: pick the target (stock Llama / Mixtral / Qwen2-MoE when exact, else ``megamoe``) -> build its
 config -> rename tensors through the declarative table (every tensor must map) -> cast ->
 write config.json, generation_config.json, safetensors (sharded with an index above
 ``max_shard_size``, by huggingface_hub's splitter), tokenizer, custom code (megamoe type only),
@@ -118,8 +118,8 @@ def verify_shapes(arch: str, hf_cfg, hf_sd: dict[str, torch.Tensor]) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if arch == "mixtral":
-        want = {k: tuple(v.shape) for k, v in mapping.unfuse_mixtral(model.state_dict()).items()}
+    if arch in ("mixtral", "qwen2_moe"):
+        want = {k: tuple(v.shape) for k, v in mapping.unfuse(model.state_dict(), arch).items()}
     if getattr(hf_cfg, "tie_word_embeddings", False):
         want.pop("lm_head.weight", None)
     have = {k: tuple(v.shape) for k, v in hf_sd.items()}
@@ -138,7 +138,7 @@ def export_model(sd: dict[str, torch.Tensor], model_cfg: ModelConfig, moe_cfg: M
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     output, info = Path(output), dict(info or {})
-    arch = configs.choose_target(target, model_cfg, moe_cfg)
+    arch = configs.choose_target(target, model_cfg, moe_cfg, sd)
     tok_ids = None
     if tokenizer_model:
         from megamoe.hf.tokenizer import load_proto, special_ids
@@ -150,6 +150,8 @@ def export_model(sd: dict[str, torch.Tensor], model_cfg: ModelConfig, moe_cfg: M
         tok_ids = special_ids(tokenizer_model)
     hf_cfg = configs.hf_config(arch, model_cfg, moe_cfg, sd, tok_ids)
     hf_cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    if arch == "qwen2_moe":
+        sd = mapping.qwen2_moe_biases(sd, model_cfg.bias)
     # the expert bias stays fp32 (a selection threshold; the modeling file keeps it fp32 too)
     hf_sd = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() and not k.endswith(".expert_bias") else v).contiguous()
              for k, v in mapping.to_hf(sd, arch).items()}
@@ -202,7 +204,7 @@ def model_card(arch: str, m: ModelConfig, moe: MoEConfig, dtype: str, info: dict
     moe_layers = moe.moe_layer_indices(m.num_layers)
     lines = [f"# {info.get('run_name') or 'megamoe model'}", "",
              f"Exported by megamoe from `{info.get('source', 'a megamoe checkpoint')}` as **{arch}** "
-             f"(`{ {'llama': 'LlamaForCausalLM', 'mixtral': 'MixtralForCausalLM'}.get(arch, 'MegamoeForCausalLM') }`), "
+             f"(`{configs.ARCHITECTURES[arch]}`), "
              f"weights in {dtype}.", "", "## Architecture", "",
              f"- decoder: {m.num_layers} blocks, width {m.hidden_size}, {m.num_heads} heads "
              f"({m.kv_heads} key/value heads), FFN {m.ffn_hidden_size} ({m.activation}), {m.norm}, "
@@ -223,6 +225,10 @@ def model_card(arch: str, m: ModelConfig, moe: MoEConfig, dtype: str, info: dict
             h = moe.hash
             lines.append(f"  - hash routing ({h.variant}, {h.num_hashes} hash(es)) in blocks {hash_l} "
                          f"({h.expert_type} experts); tables stored as `router.table` tensors")
+        if moe.shared_experts:
+            lines.append(f"  - {moe.shared_experts} shared expert(s) of width "
+                         f"{moe.shared_expert_ffn_hidden_size or moe.expert_ffn_hidden_size or m.ffn_hidden_size} in "
+                         f"every MoE block{', scaled by a sigmoid gate' if moe.shared_expert_gate else ''}")
         if "mpo" in (moe.expert_type, moe.hash.expert_type):
             mp = moe.mpo
             lines.append(f"  - MPO experts: {mp.num_tensors} local tensors, central tensor shared per layer, "

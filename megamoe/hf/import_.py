@@ -1,4 +1,4 @@
-"""Llama / Mixtral Hugging Face directory -> a megamoe canonical checkpoint that continues
+"""Llama / Mixtral / Qwen2-MoE Hugging Face directory -> a megamoe canonical checkpoint that continues
 pretraining under any TP/EP layout.
 
 Output directory (the same layout as a training tag directory's canonical part)::
@@ -12,6 +12,12 @@ sections of ``megamoe_config.yaml`` (``pretrain/pretrain_moe.py --config OUT/meg
 ...``): the trainer builds the model for ITS layout and ``load_full_state_dict`` slices the
 canonical tensors into TP/EP shards, so the import itself is layout-free.
 
+Qwen2-MoE has biases on q/k/v only, megamoe's ``model.bias`` on every attention and dense FFN
+projection: all-zero q/k/v biases (a bias-free megamoe export, a fresh transformers init) are
+dropped and the model is bias-free; otherwise it imports with ``model.bias=true`` and zero
+o_proj / dense-FFN biases, the same function (continued training then moves those biases too,
+and an export of the result goes to the ``megamoe`` architecture once they are nonzero).
+
 Upcycling (``upcycle``: switch | hash | mpo) turns a dense checkpoint's FFN blocks into MoE
 blocks: the model is built single-process with the requested MoE config (fresh routers / hash
 tables / MPO factorisation from megamoe.moe), dense weights are loaded, and every MoE block's
@@ -21,6 +27,7 @@ experts are initialised from its dense FFN by :func:`megamoe.moe.upcycle.upcycle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -74,7 +81,26 @@ def import_hf(path: str | Path) -> tuple[ModelConfig, MoEConfig, dict[str, torch
     if model_cfg.tie_embeddings:
         hf_sd.pop("lm_head.weight", None)  # stored tied copies are the embedding itself
     sd = mapping.from_hf(hf_sd, arch)
+    if arch == "qwen2_moe":
+        model_cfg, sd = _qwen2_moe_biases(model_cfg, moe_cfg, sd)
     return model_cfg, moe_cfg, sd
+
+
+def _qwen2_moe_biases(model_cfg: ModelConfig, moe_cfg: MoEConfig, sd: dict[str, torch.Tensor]):
+    """Qwen2-MoE q/k/v biases -> megamoe's one bias switch (see the module docstring)."""
+    qkv = [k for k in sd if k.endswith(".bias")]
+    if not any(bool(sd[k].any()) for k in qkv):
+        return model_cfg, {k: v for k, v in sd.items() if k not in qkv}
+    if qkv and len(qkv) != 3 * model_cfg.num_layers:
+        raise UserError(f"q/k/v biases in only {len(qkv) // 3} of {model_cfg.num_layers} blocks: not a Qwen2-MoE "
+                        "checkpoint transformers can load either (qkv_bias applies to every block)")
+    sd = dict(sd)
+    dense = set(range(model_cfg.num_layers)) - set(moe_cfg.moe_layer_indices(model_cfg.num_layers))
+    for k, v in list(sd.items()):
+        parts = k.split(".")
+        if k.endswith("attn.o_proj.weight") or (k.endswith(".weight") and ".mlp." in k and int(parts[1]) in dense):
+            sd[k[:-len("weight")] + "bias"] = torch.zeros(v.shape[0], dtype=v.dtype)
+    return dataclasses.replace(model_cfg, bias=True), sd
 
 
 def upcycled_moe_config(kind: str, model_cfg: ModelConfig, *, num_experts: int, every: int = 1,

@@ -15,6 +15,16 @@ balancing rule differs:
 - ``aux_bias``: both.
 The z-loss (0.001) stays on in every arm. ``max/mean load`` is the busiest expert's share of the
 routed tokens over the mean share, before capacity drops: 1 is perfect balance.
+
+Hash-MoE (DeepSeek-V4, megamoe/moe/hash_moe.py) against the Hash Layers paper's hash layer at
+E=64, balanced tables, equal active parameters:
+- ``hash_layer_E64``: top-1 by the token id, weight 1 (= routing's ``hash_balanced_E64``, reused);
+- ``hash_moe_k2_E64``: k=2 experts per token id from the frozen [V, 2] table, each half as wide
+  (F/2), weighted by the learned gate's normalised sqrt(softplus) scores (DeepSeek-V4's scoring);
+- ``hash_moe_k2_shared_E64``: the same with experts of width F/4 plus one always-on shared expert
+  of width F/2 (DeepSeek-V4 keeps a shared expert beside its hash-routed ones).
+Fine-grained arms keep total expert parameters per layer at half and a quarter of the hash
+layer's, so a hash-MoE win is not bought with parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Arm, Study, main  # noqa: E402
-from routing import BASE, QUICK, SWITCH, _moe  # noqa: E402
+from routing import BASE, COUNTS, F, QUICK, SWITCH, _hash, _moe  # noqa: E402
 
 BIAS_RATE = 1e-3
 
@@ -41,11 +51,24 @@ def arms() -> list[Arm]:
             Arm(f"bias_E{E}", switch + ["moe.router.aux_loss_coef=0"] + bias, group=g, note=f"bias rate {BIAS_RATE}"),
             Arm(f"aux_bias_E{E}", switch + bias, group=g, note="both"),
         ]
+    hash_moe = _moe(64, False) + ["moe.hash_moe.layers=2", "moe.hash_moe.variant=balanced",
+                                  f"moe.hash_moe.counts_file={COUNTS}", "moe.router.top_k=2",
+                                  "moe.router.scoring=sqrtsoftplus", "moe.router.capacity_factor=1.25",
+                                  "moe.router.aux_loss_coef=0", "moe.router.z_loss_coef=0"]
+    g = "hash-MoE vs hash layer, E=64"
+    out += [
+        Arm("hash_layer_E64", _hash(64, "balanced"), group=g, same_as="routing/hash_balanced_E64", note="paper's hash layer"),
+        Arm("hash_moe_k2_E64", hash_moe + [f"moe.expert_ffn_hidden_size={F // 2}"], group=g, note="k=2 x F/2"),
+        Arm("hash_moe_k2_shared_E64", hash_moe + [f"moe.expert_ffn_hidden_size={F // 4}", "moe.shared_experts=1",
+                                                  f"moe.shared_expert_ffn_hidden_size={F // 2}"], group=g,
+            note="k=2 x F/4 + shared F/2"),
+    ]
     return out
 
 
 STUDY = Study(name="balance", base_overrides=BASE, quick_overrides=QUICK, arms=arms(),
-              reference={"E=16": "aux_E16", "E=64": "aux_E64"}, describe=__doc__.split("\n\n")[0])
+              reference={"E=16": "aux_E16", "E=64": "aux_E64",
+                                                                   "hash-MoE vs hash layer, E=64": "hash_layer_E64"}, describe=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
     from megamoe.errors import cli_main

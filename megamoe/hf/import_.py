@@ -43,14 +43,22 @@ from megamoe.model.config import HashConfig, ModelConfig, MoEConfig, MPOConfig, 
 from megamoe.utils import atomic_path, print0, progress
 
 
+def read_hf_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: pass a local Hugging Face model directory")
+    try:
+        return json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+
+
 def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json + all safetensors weights of a local HF model directory."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: pass a local Hugging Face model directory")
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_hf_config(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -76,8 +84,9 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def import_hf(path: str | Path) -> tuple[ModelConfig, MoEConfig, dict[str, torch.Tensor]]:
     """-> (model config, moe config, canonical fp32 state dict) without upcycling."""
-    cfg, hf_sd = read_hf_dir(path)
-    arch, model_cfg, moe_cfg = configs.from_hf_config(cfg, str(Path(path) / "config.json"))
+    # the config is checked before any weights are read (a refusal costs no checkpoint load)
+    arch, model_cfg, moe_cfg = configs.from_hf_config(read_hf_config(path), str(Path(path) / "config.json"))
+    _, hf_sd = read_hf_dir(path)
     if model_cfg.tie_embeddings:
         hf_sd.pop("lm_head.weight", None)  # stored tied copies are the embedding itself
     sd = mapping.from_hf(hf_sd, arch)

@@ -7,7 +7,8 @@ is far from its init and many choices are near the group boundaries), then expor
 equal native within tests/hf/test_parity.check_parity's 5e-6 (the issue asks <= 1e-4), greedy
 generation of 20 tokens equal, loss within 1e-5. The check would see a missing setting: the same
 export with ``scoring_func`` reset to softmax, or with the group limit / scaling factor dropped,
-differs from native by > 1e-3. Stock targets (Mixtral, Qwen2-MoE) are refused naming the field.
+differs from native by > 1e-3. Stock targets (Mixtral, Qwen2-MoE) are refused naming the field
+(``--target auto`` then picks megamoe).
 """
 
 from __future__ import annotations
@@ -88,3 +89,14 @@ def test_stock_targets_refuse_naming_the_field(tmp_path):
         with pytest.raises(UserError, match=field):
             export_model(gather_full_state_dict(native), native.cfg, moe, tmp_path / "mixtral", target="mixtral")
         assert not (tmp_path / "mixtral").exists()
+    # a Qwen2-MoE-shaped model (gated shared expert) with sigmoid scoring: auto picks megamoe
+    from megamoe.hf.configs import choose_target
+
+    moe = MoEConfig(num_experts=4, every=1, shared_experts=1, shared_expert_gate=True,
+                    router=RouterConfig(top_k=2, scoring="sigmoid"))
+    assert choose_target("auto", tiny_model(), moe) == "megamoe"
+    assert choose_target("auto", tiny_model(), MoEConfig(num_experts=4, every=1, shared_experts=1,
+                                                          shared_expert_gate=True,
+                                                          router=RouterConfig(top_k=2))) == "qwen2_moe"
+    with pytest.raises(UserError, match="moe.router.scoring"):
+        choose_target("qwen2_moe", tiny_model(), moe)

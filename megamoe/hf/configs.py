@@ -220,6 +220,8 @@ def megamoe_config(m: ModelConfig, moe: MoEConfig, sd: dict[str, torch.Tensor], 
     types = ["dense"] * m.num_layers
     for i in moe_layers:
         types[i] = "hash" if i in moe.hash_layers else "learned"
+    for i in moe.hash_moe_layer_indices(m.num_layers):  # DeepSeek-V4 hash-MoE (megamoe/moe/hash_moe.py)
+        types[i] = "hash_moe"
     table_shape = mpo_shapes = None
     for i in moe_layers:
         key = f"layers.{i}.moe.router.table"
@@ -254,6 +256,7 @@ def megamoe_config(m: ModelConfig, moe: MoEConfig, sd: dict[str, torch.Tensor], 
         shared_expert_gate=moe.shared_expert_gate,
         hash_variant=h.variant, num_hashes=h.num_hashes, bigram_prime=h.bigram_prime,
         hash_start_id=PREV_TOKEN_AT_START, hash_expert_type=h.expert_type, hash_table_shape=table_shape,
+        hash_moe_top_k=moe.hash_moe_top_k if moe.hash_moe.layers else 0, hash_moe_normalize=moe.hash_moe.normalize,
         mpo_num_tensors=n, mpo_central_index=central_index(n), mpo_shapes=mpo_shapes, **_special(tok_ids))
     cfg.auto_map = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
                     "AutoModelForCausalLM": "modeling_megamoe.MegamoeForCausalLM"}

@@ -4,9 +4,10 @@ This file is copied verbatim into every ``megamoe``-type export and loaded there
 ``trust_remote_code=True``; importing :mod:`megamoe.hf` registers the same class with
 ``AutoConfig`` so no remote code is needed when megamoe is installed.
 
-``mlp_types`` has one entry per block: ``"dense"`` (plain FFN), ``"learned"`` (top-k router)
-or ``"hash"`` (token-id routing). It is deliberately not called ``layer_types``: transformers
-reads that name to pick sliding-window caches.
+``mlp_types`` has one entry per block: ``"dense"`` (plain FFN), ``"learned"`` (top-k router),
+``"hash"`` (token-id routing, Hash Layers) or ``"hash_moe"`` (DeepSeek-V4 hash-MoE:
+``router.tid2eid`` [V, hash_moe_top_k] chooses, the learned ``router.weight`` weights). It is
+deliberately not called ``layer_types``: transformers reads that name to pick sliding-window caches.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class MegamoeConfig(PretrainedConfig):
         hash_start_id: int = 0,  # the "previous id" used at position 0 (bigram / previous variants)
         hash_expert_type: str = "ffn",
         hash_table_shape: list[int] | None = None,  # shape of each hash layer's table buffer (None: no table)
+        # DeepSeek-V4 hash-MoE blocks (native moe.hash_moe): k experts per id from router.tid2eid [V, k],
+        # weights = scoring_func scores of those k (/ their sum + 1e-20 when hash_moe_normalize) x routed_scaling_factor
+        hash_moe_top_k: int = 0,
+        hash_moe_normalize: bool = True,
         # MPO experts
         mpo_num_tensors: int = 5,
         mpo_central_index: int = 2,
@@ -95,9 +100,9 @@ class MegamoeConfig(PretrainedConfig):
         self.bias = bias
         self.initializer_range = initializer_range
         self.mlp_types = list(mlp_types) if mlp_types is not None else ["dense"] * num_hidden_layers
-        if len(self.mlp_types) != num_hidden_layers or set(self.mlp_types) - {"dense", "learned", "hash"}:
+        if len(self.mlp_types) != num_hidden_layers or set(self.mlp_types) - {"dense", "learned", "hash", "hash_moe"}:
             raise ValueError(f"mlp_types={self.mlp_types!r}: need {num_hidden_layers} entries of "
-                             "'dense' | 'learned' | 'hash'")
+                             "'dense' | 'learned' | 'hash' | 'hash_moe'")
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.normalize_top_k = normalize_top_k
@@ -118,6 +123,8 @@ class MegamoeConfig(PretrainedConfig):
         self.hash_start_id = hash_start_id
         self.hash_expert_type = hash_expert_type
         self.hash_table_shape = list(hash_table_shape) if hash_table_shape is not None else None
+        self.hash_moe_top_k = hash_moe_top_k
+        self.hash_moe_normalize = hash_moe_normalize
         self.mpo_num_tensors = mpo_num_tensors
         self.mpo_central_index = mpo_central_index
         self.mpo_aux_names = list(mpo_aux_names) if mpo_aux_names is not None else [

@@ -26,6 +26,10 @@ Inference semantics, and where they differ from native *training*:
 - shared experts (``config.shared_expert_intermediate_size`` > 0, native ``moe.shared_experts``)
   run beside the routed experts of every MoE block, learned or hash, and are added to their
   output, optionally scaled by ``sigmoid(x . shared_expert_gate.weight)`` (Qwen2-MoE).
+- DeepSeek-V4 hash-MoE blocks (``"hash_moe"``, native ``moe.hash_moe``): experts
+  ``router.tid2eid[input_ids]`` (k distinct per id), weights the ``scoring_func`` scores of those
+  k from ``router.weight`` (fp32), / their sum + 1e-20 when ``hash_moe_normalize``, times
+  ``routed_scaling_factor``; dropless, as native (transformers' ``DeepseekV4HashRouter``).
 - hash routing needs token ids: current ids (``input_ids``), previous ids (``previous``
   and ``bigram`` variants) and positions (``position`` variant). During cached decoding the
   previous id of the first new token lies in the cache's past: :meth:`prepare_inputs_for_generation`
@@ -324,6 +328,39 @@ class HashMoE(nn.Module):
         return out_TD.view(B, S, D)
 
 
+class HashMoERouter(nn.Module):
+    def __init__(self, config: MegamoeConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.register_buffer("tid2eid", torch.zeros(config.vocab_size, config.hash_moe_top_k, dtype=torch.long))
+
+
+class HashMoEV4(nn.Module):
+    """DeepSeek-V4 hash-MoE (native megamoe/moe/hash_moe.py): the table chooses, the gate weights."""
+
+    def __init__(self, config: MegamoeConfig):
+        super().__init__()
+        self.config = config
+        self.router = HashMoERouter(config)
+        self.experts = make_experts(config, config.learned_expert_type)
+
+    def forward(self, x_BSD, ids):
+        cfg, (B, S, D) = self.config, x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        experts_TK = self.router.tid2eid[ids["cur"].reshape(-1)]
+        weights_TK = expert_scores(logits_TE, cfg.scoring_func).gather(1, experts_TK)
+        if cfg.hash_moe_normalize:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * cfg.routed_scaling_factor
+        out_TD = torch.zeros_like(x_TD)
+        for e in experts_TK.unique().tolist():
+            tok, slot = torch.where(experts_TK == e)
+            y = expert_ffn(cfg, self.experts, e, x_TD[tok]) * weights_TK[tok, slot, None].to(x_TD.dtype)
+            out_TD.index_add_(0, tok, y)
+        return out_TD.view(B, S, D)
+
+
 def add_shared_expert(moe: nn.Module, config: MegamoeConfig) -> None:
     """Shared experts of an MoE block (native ``moe.shared_experts`` N > 0): ``moe.shared_expert``,
     one dense-style FFN of width N x W *without* biases whatever ``config.bias`` (the sum of N
@@ -355,7 +392,7 @@ class Block(nn.Module):
         if self.kind == "dense":
             self.mlp = MLP(config, config.intermediate_size)
         else:
-            self.moe = LearnedMoE(config) if self.kind == "learned" else HashMoE(config)
+            self.moe = {"learned": LearnedMoE, "hash": HashMoE, "hash_moe": HashMoEV4}[self.kind](config)
             add_shared_expert(self.moe, config)
 
     def forward(self, x, cos_sin, mask, cache, ids):
@@ -385,7 +422,7 @@ class MegamoePreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
-        elif isinstance(module, (LearnedRouter, MPOTensors)):
+        elif isinstance(module, (LearnedRouter, HashMoERouter, MPOTensors)):
             for p in module.parameters(recurse=False):
                 p.normal_(0.0, std)
 

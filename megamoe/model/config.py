@@ -337,7 +337,8 @@ def check_model_layout(model: ModelConfig, moe: MoEConfig, parallel: ParallelCon
         moe_blocks = moe.moe_layer_indices(model.num_layers)
         if moe.hash_moe.layers > len(moe_blocks):
             raise ConfigError("moe.hash_moe.layers", moe.hash_moe.layers,
-                              f"exceeds the {len(moe_blocks)} MoE blocks {moe_blocks} (moe.layers / every / hash_layers)")
+                              f"exceeds the {len(moe_blocks)} MoE blocks {moe_blocks} "
+                              "(moe.layers / every / hash_layers)")
         both = sorted(set(moe.hash_moe_layer_indices(model.num_layers)) & set(moe.hash_layers))
         if both:
             raise ConfigError("moe.hash_moe.layers", moe.hash_moe.layers,

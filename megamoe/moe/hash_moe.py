@@ -109,7 +109,8 @@ def load_tid2eid_file(path: str | Path, vocab_size: int, num_experts: int, k: in
     dup = (table.sort(dim=1).values.diff(dim=1) == 0).any(dim=1).nonzero().flatten()
     if len(dup):
         raise UserError(f"{field}={str(path)!r}: token id {int(dup[0])} lists expert "
-                        f"{table[dup[0]].tolist()} more than once ({len(dup)} such ids); each id needs k distinct experts")
+                        f"{table[dup[0]].tolist()} more than once ({len(dup)} such ids); each id needs k distinct "
+                        "experts")
     return table
 
 
@@ -118,7 +119,8 @@ def build_tid2eid(cfg: HashMoEConfig, num_experts: int, k: int, vocab_size: int,
         return load_tid2eid_file(cfg.table_file, vocab_size, num_experts, k)
     if cfg.variant == "random":
         return random_tid2eid(vocab_size, num_experts, k, cfg.seed)
-    counts = load_counts(cfg.counts_file, vocab_size, field="moe.hash_moe.counts_file") if counts_V is None else counts_V
+    counts = counts_V if counts_V is not None else load_counts(cfg.counts_file, vocab_size,
+                                                               field="moe.hash_moe.counts_file")
     return balanced_tid2eid(counts, num_experts, k)
 
 
@@ -131,7 +133,8 @@ class HashMoERouter(nn.Module):
         self.cfg, self.router_cfg, self.num_experts, self.k = cfg, router_cfg, num_experts, k
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, std=init_std)
-        table = build_tid2eid(cfg, num_experts, k, vocab_size) if build else torch.zeros(vocab_size, k, dtype=torch.int64)
+        table = (build_tid2eid(cfg, num_experts, k, vocab_size) if build
+                 else torch.zeros(vocab_size, k, dtype=torch.int64))
         self.register_buffer("tid2eid", table)
 
     def gating(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -154,6 +157,7 @@ class HashMoERouter(nn.Module):
         expert_ids_TK = self.tid2eid[ctx.token_ids.reshape(-1)]
         logits_TE = self.gating(x_TD)
         zero = x_TD.new_zeros((), dtype=torch.float32)
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=self.combine_weights(logits_TE, expert_ids_TK).float(),
+        weights_TK = self.combine_weights(logits_TE, expert_ids_TK).float()
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK,
                             keep_TK=torch.ones_like(expert_ids_TK, dtype=torch.bool), lb_loss=zero,
                             z_loss=z_loss(logits_TE).float(), probs_TE=None)

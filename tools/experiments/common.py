@@ -287,7 +287,9 @@ def main(study: Study, argv=None) -> int:
         from megamoe.errors import UserError
 
         raise UserError(f"--only: unknown arm(s) {unknown}; see --list")
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))
+    # the command that produces these results (a --report-only rebuild records the study command)
+    args_shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + args_shown)
     if not args.report_only:
         run_study(study, out, args.quick, seeds, only)
     rows = report(study, out, command, args.quick)

@@ -9,6 +9,8 @@ Runs (~20-30 s each on 2 busy cores):
   weights (train.init_from) -> Mixtral (TP-sharded expert widths merged back exactly);
 - DP=2, ZeRO-3, bf16, dense -> Llama, from the fp32 master weights in the checkpoint's shards
   (not the bf16 module copies);
+- TP=2, gated shared experts, top-2, block 0 dense -> Qwen2-MoE; EP=2, an ungated shared expert
+  in the hash and MPO Switch blocks -> megamoe (10 steps at lr 1e-2 each);
 - EP=2, GELU, block 2 dense -> megamoe: 10 steps at lr 1e-2 grow the pre-activations enough
   that exact-vs-tanh GELU shows in the logits (measured 2.5e-5, against 3.6e-7 with the right
   GELU), so check_parity's 5e-6 sees a wrong dense GELU (test_parity_sees_a_wrong_dense_gelu;
@@ -33,6 +35,14 @@ RUNS = {
     "ep2_gelu_dense_block": ({"parallel.expert_parallel": 2, "model.activation": "gelu", "moe.layers": [1],
                               "train.lr": 1e-2, "train.min_lr": 1e-3, "train.train_steps": 10}, "gelu",
                              "MegamoeForCausalLM"),
+    # Qwen2-MoE: dense block 0, top-2 SwiGLU experts + 2 gated shared experts of width 16 (TP-sharded)
+    "tp2_shared_gated_qwen2": ({"parallel.tensor_parallel": 2, "moe.hash_layers": [], "moe.expert_type": "ffn",
+                                "moe.router.top_k": 2, "moe.shared_experts": 2, "moe.shared_expert_ffn_hidden_size": 16,
+                                "moe.shared_expert_gate": True, "train.lr": 1e-2, "train.min_lr": 1e-3,
+                                "train.train_steps": 10}, "shared", "Qwen2MoeForCausalLM"),
+    # an ungated shared expert beside the random hash layer and the MPO Switch layers -> megamoe
+    "ep2_shared_ungated_hash_mpo": ({"parallel.expert_parallel": 2, "moe.shared_experts": 1, "train.lr": 1e-2,
+                                     "train.min_lr": 1e-3, "train.train_steps": 10}, "shared", "MegamoeForCausalLM"),
 }
 
 

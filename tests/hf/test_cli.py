@@ -59,7 +59,12 @@ def test_exports_load_without_megamoe(tmp_path, spm_model):
 
     cases = moe_cases(write_counts(tmp_path / "counts.npy"))
     big_vocab = dict(vocab_size=400)
-    picks = {"llama": cases["dense"], "mixtral": cases["top2"], "megamoe": cases["hash_balanced"]}
+    from megamoe.model.config import MoEConfig, RouterConfig
+
+    qwen = MoEConfig(num_experts=4, every=1, shared_experts=1, shared_expert_gate=True,
+                     router=RouterConfig(top_k=2, eval_capacity_factor=2.0))
+    picks = {"llama": cases["dense"], "mixtral": cases["top2"], "qwen2_moe": (tiny_model(), qwen),
+             "megamoe": cases["hash_balanced"]}
     ids = torch.randint(0, 400, (2, 10), generator=torch.Generator().manual_seed(0))
     natives = {}
     for name, (m, moe) in picks.items():
@@ -71,7 +76,8 @@ def test_exports_load_without_megamoe(tmp_path, spm_model):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
-    want_arch = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "megamoe": "MegamoeForCausalLM"}
+    want_arch = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "megamoe": "MegamoeForCausalLM"}
     for name, native in natives.items():
         assert res[name]["arch"] == want_arch[name]
         with torch.no_grad():

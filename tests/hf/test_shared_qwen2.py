@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from megamoe.errors import UserError
-from megamoe.model.config import MoEConfig, RouterConfig
+from megamoe.model.config import HashMoEConfig, MoEConfig, RouterConfig
 from tests.hf.common import V, build_native, tiny_model
 from tests.hf.test_parity import check_parity, export_and_load
 from tests.hf.test_roundtrip import assert_same_tensors, run_cli
@@ -82,6 +82,8 @@ MEGAMOE_CASES = {
     "gated_gelu_bias_mixed": (tiny_model(activation="gelu", bias=True, num_layers=3), MoEConfig(
         num_experts=4, layers=[1], shared_experts=1, shared_expert_ffn_hidden_size=24, shared_expert_gate=True,
         router=RouterConfig(top_k=2, eval_capacity_factor=0.0))),
+    # DeepSeek-V4 style: 2 leading hash-MoE blocks, then learned top-2, a gated shared expert in all
+    "gated_hash_moe_v4": (tiny_model(num_layers=3), shared_moe(True, shared_experts=1, hash_moe=HashMoEConfig(layers=2))),
 }
 
 

@@ -168,7 +168,7 @@ def analyze(ckpt_path: str, split: str = "valid", data_prefix: str | None = None
             c, ids = counts_EV[e].topk(min(top_tokens, V))
             favourites.append([{"token": sp.id_to_piece(int(i)), "id": int(i), "count": int(n),
                                 "share_of_token": round(float(n / per_token[i]), 3)} for n, i in zip(c, ids) if n > 0])
-        layer = {"kind": "hash" if li in run.moe.hash_layers else "learned", "tokens": int(len(ex)),
+        layer = {"kind": run.moe.routing_kind(li, run.model.num_layers), "tokens": int(len(ex)),
                  "load": [round(float(x), 5) for x in load], "max_over_mean_load": round(float(load.max() * E), 4),
                  "dropped_fraction_eval": round(1 - r["kept_pairs"] / r["pairs"], 5),
                  "dropped_fraction_train_capacity": round(1 - r["train_kept_pairs"] / r["pairs"], 5),

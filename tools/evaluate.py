@@ -193,7 +193,7 @@ def evaluate_checkpoint(ckpt: Path, split: str = "valid", data_prefix: str | Non
         q = torch.nn.functional.pad(q, (0, run.model.vocab_size - q.numel())) + 1.0
         q = q / q.sum()
         unigram_corpus = math.exp(float(-(counts * q.log()).sum() / counts.sum()))
-    loads = {f"layer {li} ({'hash' if li in run.moe.hash_layers else 'learned'})": (t / t.sum()).tolist()
+    loads = {f"layer {li} ({run.moe.routing_kind(li, run.model.num_layers)})": (t / t.sum()).tolist()
              for li, t in sorted(tpe.items())}
     return {"checkpoint": str(ckpt), "source": source, "tokens": int(ntok), "lm_loss": loss,
             "ppl": math.exp(min(loss, 50)), "unigram_ppl": math.exp(float(-(p * p.log()).sum())),

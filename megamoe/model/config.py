@@ -276,6 +276,13 @@ class MoEConfig:
         """The first ``hash_moe.layers`` MoE blocks (DeepSeek-V4's leading hash-MoE layers)."""
         return self.moe_layer_indices(num_layers)[: self.hash_moe.layers] if self.hash_moe.layers else []
 
+    def routing_kind(self, layer: int, num_layers: int) -> str:
+        """How MoE block ``layer`` routes: 'hash' (the Hash Layers paper), 'hash_moe'
+        (DeepSeek-V4) or 'learned'; for reports."""
+        if layer in self.hash_layers:
+            return "hash"
+        return "hash_moe" if layer in self.hash_moe_layer_indices(num_layers) else "learned"
+
     def moe_layer_indices(self, num_layers: int) -> list[int]:
         if not self.num_experts:
             return []

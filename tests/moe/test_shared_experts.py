@@ -117,17 +117,3 @@ def test_accounting_counts_shared_experts():
         cfg = model_cfg(num_layers=2)
         model = build_model(cfg, moe)
         assert account(cfg, moe).total == sum(p.numel() for p in model.parameters())
-
-
-def test_export_refuses_shared_experts_naming_the_field(tmp_path):
-    from megamoe.errors import UserError
-    from megamoe.hf.export import export_model
-    from megamoe.model.state_dict import gather_full_state_dict
-
-    layer_cfg = model_cfg(num_layers=2)
-    from megamoe.model.gpt import build_model
-
-    sd = gather_full_state_dict(build_model(layer_cfg, _cfg()))
-    with pytest.raises(UserError, match="moe.shared_experts"):
-        export_model(sd, layer_cfg, _cfg(), tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()

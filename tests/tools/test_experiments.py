@@ -80,3 +80,23 @@ def test_same_as_reuses_the_twin_result_and_trains_it_when_absent(tmp_path, monk
     assert calls == [("b", 1)]  # seed 0 reused, seed 1 had no twin
     assert recs[0]["valid_lm_loss"] == 2.5 and recs[0]["reused_from"] == "other/a" and recs[0]["arm"] == "b"
     assert json.loads((tmp_path / "out" / "b" / "seed0.json").read_text())["study"] == "s"
+
+
+def test_paired_seeds_detect_a_gap_the_seed_spread_hides():
+    """Arm b is ~0.01 worse than a on every seed, while seeds differ by 0.5: unpaired that is a
+    tie, paired over the shared seeds it is 'worse' (with the exact mean difference)."""
+    import common
+
+    study = common.Study(name="s", base_overrides=[], quick_overrides=[], reference={"g": "a"},
+                         arms=[common.Arm("a", [], group="g"), common.Arm("b", [], group="g"), common.Arm("c", [], group="g")])
+    rec = lambda arm, seed, loss: {"arm": arm, "seed": seed, "valid_lm_loss": loss, "params_total": 1,  # noqa: E731
+                                   "params_active": 1, "tokens_per_s": 1.0, "moe": {}}
+    records = [rec("a", s, 5.0 + 0.5 * s) for s in range(3)] + [rec("b", s, 5.0 + 0.5 * s + d) for s, d in enumerate((0.012, 0.009, 0.01))]
+    records += [rec("c", 0, 5.01)]  # one shared seed: falls back to the unpaired rule
+    rows = {r["arm"]: r for r in common.summarise(study, records)}
+    assert common.verdict(rows["b"]["valid_lm_loss"], rows["b"]["valid_lm_loss_se"],
+                          rows["a"]["valid_lm_loss"], rows["a"]["valid_lm_loss_se"]) == "tie"
+    assert rows["b"]["vs_reference"] == "worse" and rows["b"]["paired_seeds"] == 3
+    assert abs(rows["b"]["delta_loss_vs_reference"] - 0.031 / 3) < 1e-12
+    assert "paired_seeds" not in rows["c"] and rows["c"]["vs_reference"] == "tie"
+    assert rows["a"]["vs_reference"] == "ref"

@@ -169,12 +169,26 @@ def summarise(study: Study, records: list[dict]) -> list[dict]:
             **{f"mean_{k}": sum(v) / len(v) for k, v in moe_means.items()},
         })
     by_name = {r["arm"]: r for r in rows}
+    loss_of = {(r["arm"], r["seed"]): r["valid_lm_loss"] for r in records}
     for r in rows:
         ref = by_name.get(study.reference.get(r["group"], ""))
-        if ref is not None:
-            r["reference"] = ref["arm"]
-            r["vs_reference"] = "ref" if ref is r else verdict(r["valid_lm_loss"], r["valid_lm_loss_se"],
-                                                                ref["valid_lm_loss"], ref["valid_lm_loss_se"])
+        if ref is None:
+            continue
+        r["reference"] = ref["arm"]
+        if ref is r:
+            r["vs_reference"] = "ref"
+            continue
+        # Paired over the seeds both arms ran: a seed fixes the data order (and the shared
+        # parameters' init) in every arm, so the per-seed difference cancels the seed-to-seed
+        # spread that dominates each arm's own SE. Unpaired when fewer than 2 seeds are shared.
+        seeds = sorted(s for (a, s) in loss_of if a == r["arm"] and (ref["arm"], s) in loss_of)
+        if len(seeds) >= 2:
+            d, d_se = _stats([loss_of[(r["arm"], s)] - loss_of[(ref["arm"], s)] for s in seeds])
+            r["delta_loss_vs_reference"], r["delta_loss_vs_reference_se"], r["paired_seeds"] = d, d_se, len(seeds)
+            r["vs_reference"] = verdict(d, d_se, 0.0, 0.0)
+        else:
+            r["vs_reference"] = verdict(r["valid_lm_loss"], r["valid_lm_loss_se"],
+                                        ref["valid_lm_loss"], ref["valid_lm_loss_se"])
     return rows
 
 
@@ -186,18 +200,22 @@ def markdown(study: Study, rows: list[dict], command: str, quick: bool) -> str:
     lines = [f"# Study: {study.name}{' (--quick, toy size: not a result)' if quick else ''}", "",
              study.describe, "", f"Command: `{command}`", "",
              f"Validation perplexity: mean ± standard error over seeds (exp of the mean loss; SE carried "
-             "through). `vs ref`: against the group's reference arm "
+             "through). `Δ loss vs ref`: valid-loss difference to the group's reference arm, mean ± SE "
+             "of the per-seed differences (paired: arms share each seed's data order); `vs ref`: its "
+             "verdict, against the reference arm "
              f"({', '.join(f'{g}: {a}' for g, a in study.reference.items())}); better/worse only when the gap "
              "exceeds 2 SE, else tie.", "",
-             "| group | arm | seeds | total params | active params | valid ppl | vs ref | tokens/s "
+             "| group | arm | seeds | total params | active params | valid ppl | Δ loss vs ref | vs ref | tokens/s "
              "| dropped | max/mean load | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dropped = r.get("mean_dropped_fraction")
         load = r.get("mean_max_load")
+        delta = ("" if "delta_loss_vs_reference" not in r else
+                 f"{r['delta_loss_vs_reference']:+.4f} ± {r['delta_loss_vs_reference_se']:.4f}")
         lines.append(
             f"| {r['group']} | {r['arm']} | {r['seeds']} | {_fmt_params(r['params_total'])} | "
-            f"{_fmt_params(r['params_active'])} | {r['valid_ppl']:.2f} ± {r['valid_ppl_se']:.2f} | "
+            f"{_fmt_params(r['params_active'])} | {r['valid_ppl']:.2f} ± {r['valid_ppl_se']:.2f} | {delta} | "
             f"{r.get('vs_reference', '')} | {r['tokens_per_s']:.0f} | "
             f"{'' if dropped is None else f'{dropped:.3f}'} | {'' if load is None else f'{load:.2f}'} | {r['note']} |")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.model.config import ParallelConfig
+from megamoe.utils import skip_deepspeed_shm_op
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ def init_distributed(backend: str | None = None) -> None:
     world of one when launched as a plain ``python`` process."""
     if dist.is_initialized():
         return
+    skip_deepspeed_shm_op()
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]

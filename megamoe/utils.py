@@ -88,3 +88,22 @@ def filter_dependency_warnings() -> None:
                             category=UserWarning, module=r"megatron(\.|_fsdp)")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning, module=r"torch\.distributed\.")
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-loading its CPU shared-memory all-reduce op
+    (``deepspeed.ops.comm.deepspeed_shm_comm_op``). Call before DeepSpeed's communication
+    backend starts (``deepspeed.initialize`` / ``deepspeed.init_distributed``).
+
+    Why: DeepSpeed's torch backend loads that op at every start on CPU, through torch's
+    ``cpp_extension`` build, which holds ``~/.cache/torch_extensions/.../deepspeed_shm_comm/lock``
+    while it checks the build. A process killed inside that window (a SIGKILL, a timeout, an
+    OOM kill; a wide window on a loaded machine) leaves the lock behind, and from then on every
+    DeepSpeed start on the machine sleeps forever waiting for it, printing nothing (seen here:
+    every 2-rank run hung at start-up until the lock was deleted). The op serves only
+    ``inference_all_reduce`` (DeepSpeed's inference tensor parallelism); training collectives,
+    megamoe's and DeepSpeed's engine's, go through torch.distributed, so nothing uses it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

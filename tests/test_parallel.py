@@ -30,3 +30,21 @@ def test_world_not_divisible():
         ParallelConfig(tensor_parallel=1, expert_parallel=4).data_parallel(2)
     with pytest.raises(ConfigError, match="parallel.tensor_parallel"):
         ParallelConfig(tensor_parallel=4).data_parallel(2)
+
+
+def test_deepspeed_starts_despite_a_stale_shm_op_build_lock(tmp_path):
+    """A process killed while torch's extension builder held DeepSpeed's shm-comm-op lock leaves
+    the lock behind; DeepSpeed's backend would then wait for it forever at every start. megamoe
+    keeps DeepSpeed from loading that op (utils.skip_deepspeed_shm_op), so a start with the stale
+    lock in place completes (it hangs without the fix: the timeout fails the test)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").write_text("")
+    code = ("from megamoe import parallel; parallel.init_distributed('gloo'); import deepspeed; from deepspeed.comm.torch import build_shm_op; "
+            "deepspeed.init_distributed(dist_backend='gloo'); assert build_shm_op() is None; print('started')")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and "started" in p.stdout, p.stderr[-2000:]

@@ -51,17 +51,23 @@ LABELS = {"lora:rank=16": "shared LoRA r=16 (Poly's size)", "cpoly:num_skills=0"
           "cpoly": "C-Poly", "tensorpoly1": "TensorPoly-I", "tensorpoly2": "TensorPoly-II",
           "mta": "MTA two-stage", "mta_one": "MTA one-stage",
           "tensorpoly1:tensor_init=zero": "TensorPoly-I, no-op init (tensor_init=zero)"}
+RECIPE = 2
+POOL_DESC = {"mean": "mean of the real tokens' final states", "last": "last real token's final state"}
 # (label, arm a, arm b or a list averaged): "a - b" with a paired bootstrap interval
 CLAIMS = [("modular > shared LoRA (mean of Poly, C-Poly, TensorPoly-I/II, MTA)",
            ["poly", "cpoly", "tensorpoly1", "tensorpoly2", "mta"], "lora:rank=16"),
           ("C-Poly >= Poly", "cpoly", "poly"),
           ("TensorPoly-I ~ Poly (with fewer parameters)", "tensorpoly1", "poly"),
-          ("MTA two-stage >= one-stage", "mta", "mta_one")]
+          ("MTA two-stage >= one-stage", "mta", "mta_one"),
+          ("validity: shared LoRA r=16 > head only", "lora:rank=16", "head")]
 
 
 def _settings(args, base_desc: str) -> dict:
-    keys = ("tasks", "steps", "batch_size", "lr", "seq_len", "max_test", "targets", "rank", "set", "mta_stage2_steps")
-    return {k: getattr(args, k) for k in keys} | {"base": base_desc}
+    keys = ("tasks", "steps", "batch_size", "lr", "seq_len", "max_test", "targets", "rank", "set", "mta_stage2_steps",
+            "pool", "schedule")
+    # "recipe" names the training code's behaviour: bump it when a change alters results under the
+    # same flags (2: --pool/--schedule; runs cached before them used last-token pooling at constant lr)
+    return {k: getattr(args, k) for k in keys} | {"base": base_desc, "recipe": RECIPE}
 
 
 def _cache_file(cache: Path, arm: str, size: int, seed: int) -> Path:
@@ -132,6 +138,8 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
             diff = da - avg_draws(b)
             lo, hi = np.percentile(diff, [2.5, 97.5])
             verdict = "reproduced" if lo > 0 else ("contradicted" if hi < 0 else "tie (interval spans 0)")
+            if label.startswith("validity"):
+                verdict = "adapters help" if lo > 0 else ("head only better" if hi < 0 else "tie: adapters do not help")
             if label.startswith("TensorPoly"):
                 verdict = "reproduced (tie)" if lo <= 0 <= hi else ("TensorPoly-I better" if lo > 0 else "not reproduced")
             claims.append({"claim": label, "size": size, "seeds": len(common), "diff": float(diff.mean()),
@@ -147,7 +155,10 @@ def markdown(res: dict) -> str:
                                            "tables show what ran (resumable from the cache).**", ""]),
              f"Command: `{res['command']}`", "", f"Base: {res['base']}", "",
              f"{len(tasks)} tasks, {res['settings']['steps']} steps x batch {res['settings']['batch_size']}, "
-             f"adapter lr {res['settings']['lr']}, routing lr {res['routing_lr']}, test examples per task: "
+             f"adapter lr {res['settings']['lr']}, routing lr {res['routing_lr']}, "
+             f"{res['settings'].get('schedule', 'constant')} lr schedule, read-out: "
+             f"{POOL_DESC[res['settings'].get('pool', 'last')]}, sequence {res['settings']['seq_len']} tokens, "
+             "test examples per task: "
              + ", ".join(f"{t} {n}" for t, n in zip(tasks, res["test_counts"])) + ".", "",
              "Accuracy: mean over seeds; [bootstrap 95% interval over seeds and test examples].", ""]
     for size in res["sizes"]:
@@ -221,8 +232,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run (MTA: per stage-1 / one-stage)")
     ap.add_argument("--mta-stage2-steps", type=int, default=150, help="MTA two-stage: router-only steps on top")
     ap.add_argument("--batch-size", type=int, default=32, help="examples per step (tasks mixed)")
-    ap.add_argument("--seq-len", type=int, default=64, help="tokens kept per example")
-    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of adapters and head (routing: routing_lr)")
+    ap.add_argument("--seq-len", type=int, default=32, help="tokens kept per example (32: the suite's CPU budget)")
+    ap.add_argument("--lr", type=float, default=1e-2, help="AdamW peak lr of adapters and head (routing: routing_lr)")
+    ap.add_argument("--pool", default="mean", choices=("mean", "last"),
+                    help="classifier read-out: mean of the real tokens' final hidden states, or the last token's")
+    ap.add_argument("--schedule", default="linear", choices=("linear", "constant"),
+                    help="lr schedule: 6%% linear warmup then linear decay (mttl's default), or constant")
     ap.add_argument("--max-test", type=int, default=1000, help="test examples per task (fewer if the task has fewer)")
     ap.add_argument("--targets", default="q_proj,v_proj", help="adapted projections, or 'all'")
     ap.add_argument("--rank", type=int, default=4, help="LoRA rank of the LoRA-family arms")
@@ -274,6 +289,9 @@ def main(argv=None):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        from megamoe.utils import skip_deepspeed_shm_op
+
+        skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     torch.set_num_threads(1 if dp else min(2, torch.get_num_threads()))
     if not Path(args.tokenizer).exists():
@@ -328,13 +346,15 @@ def main(argv=None):
                 from megamoe.finetune.inject import save_adapters
 
                 extra_t = {"head.weight": clf.head.weight, "head.bias": clf.head.bias, "tasks": tasks,
-                           "num_classes": num_classes, "arm": arm, "base": base.description}
+                           "num_classes": num_classes, "arm": arm, "base": base.description,
+                           "pool": args.pool}
                 if inj is None:
                     raise UserError("--save: the head arm has no adapters to save")
                 save_adapters(inj, args.save, extra_t)
 
         r = finetune_method(arm, base.build, base.hidden_size, num_classes, train, test, adapter_cfg, args.steps,
-                            args.batch_size, args.lr, seed, args.mta_stage2_steps, dp=dp, on_model=save)
+                            args.batch_size, args.lr, seed, args.mta_stage2_steps, dp=dp, on_model=save,
+                            pool=args.pool, schedule=args.schedule)
         r |= {"size": size, "seed": seed}
         runs[(arm, size, seed)] = r
         if rank0:

@@ -139,15 +139,23 @@ def unfuse_mixtral(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         base = f"model.layers.{layer}.block_sparse_moe"
         if kind == "gate.weight":
             out[f"{base}.gate.weight"] = value
-        elif kind == "experts.down_proj":
-            for e in range(value.shape[0]):
-                out[f"{base}.experts.{e}.w2.weight"] = value[e].clone()
         else:
-            gate, up = value.chunk(2, dim=1)
-            for e in range(value.shape[0]):
-                out[f"{base}.experts.{e}.w1.weight"] = gate[e].clone()
-                out[f"{base}.experts.{e}.w3.weight"] = up[e].clone()
+            names = {"gate": "w1", "up": "w3", "down": "w2"}
+            _unfuse_experts(out, value, kind == "experts.down_proj", lambda e, w: f"{base}.experts.{e}.{names[w]}.weight")
     return out
+
+
+def _unfuse_experts(out: dict, value: torch.Tensor, is_down: bool, name_of) -> None:
+    """Fused ``gate_up_proj`` [E, 2F, D] (rows: gate then up) or ``down_proj`` [E, D, F] ->
+    ``out[name_of(e, 'gate' | 'up' | 'down')]`` per expert."""
+    if is_down:
+        for e in range(value.shape[0]):
+            out[name_of(e, "down")] = value[e].clone()
+        return
+    gate, up = value.chunk(2, dim=1)
+    for e in range(value.shape[0]):
+        out[name_of(e, "gate")] = gate[e].clone()
+        out[name_of(e, "up")] = up[e].clone()
 
 
 def unfuse(state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
@@ -168,14 +176,7 @@ def unfuse_qwen2_moe(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             out[key] = value
             continue
         base, kind = m.groups()
-        if kind == "down_proj":
-            for e in range(value.shape[0]):
-                out[f"{base}.{e}.down_proj.weight"] = value[e].clone()
-        else:
-            gate, up = value.chunk(2, dim=1)
-            for e in range(value.shape[0]):
-                out[f"{base}.{e}.gate_proj.weight"] = gate[e].clone()
-                out[f"{base}.{e}.up_proj.weight"] = up[e].clone()
+        _unfuse_experts(out, value, kind == "down_proj", lambda e, w: f"{base}.{e}.{w}_proj.weight")
     return out
 
 

@@ -256,6 +256,16 @@ def group_limited_choice(choice_TE, n_group: int, topk_group: int):
     return grouped_TGC.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
 
 
+def combine_experts(cfg: MegamoeConfig, experts, x_TD, experts_TK, weights_TK):
+    """sum_k weights_TK[t, k] * expert_{experts_TK[t, k]}(x_t), each expert run once on its tokens."""
+    out_TD = torch.zeros_like(x_TD)
+    for e in experts_TK.unique().tolist():
+        tok, slot = torch.where(experts_TK == e)
+        y = expert_ffn(cfg, experts, e, x_TD[tok]) * weights_TK[tok, slot, None].to(x_TD.dtype)
+        out_TD.index_add_(0, tok, y)
+    return out_TD
+
+
 class LearnedMoE(nn.Module):
     """Top-k routing, dropless (see the module docstring for capacity)."""
 
@@ -283,12 +293,7 @@ class LearnedMoE(nn.Module):
         if cfg.num_experts_per_tok == 1 and cfg.top1_weight == "one":
             weights_TK = torch.ones_like(weights_TK)
         weights_TK = weights_TK * cfg.routed_scaling_factor
-        out_TD = torch.zeros_like(x_TD)
-        for e in experts_TK.unique().tolist():
-            tok, slot = torch.where(experts_TK == e)
-            y = expert_ffn(cfg, self.experts, e, x_TD[tok]) * weights_TK[tok, slot, None].to(x_TD.dtype)
-            out_TD.index_add_(0, tok, y)
-        return out_TD.view(B, S, D)
+        return combine_experts(cfg, self.experts, x_TD, experts_TK, weights_TK).view(B, S, D)
 
 
 class HashMoE(nn.Module):
@@ -353,12 +358,7 @@ class HashMoEV4(nn.Module):
         if cfg.hash_moe_normalize:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * cfg.routed_scaling_factor
-        out_TD = torch.zeros_like(x_TD)
-        for e in experts_TK.unique().tolist():
-            tok, slot = torch.where(experts_TK == e)
-            y = expert_ffn(cfg, self.experts, e, x_TD[tok]) * weights_TK[tok, slot, None].to(x_TD.dtype)
-            out_TD.index_add_(0, tok, y)
-        return out_TD.view(B, S, D)
+        return combine_experts(cfg, self.experts, x_TD, experts_TK, weights_TK).view(B, S, D)
 
 
 def add_shared_expert(moe: nn.Module, config: MegamoeConfig) -> None:

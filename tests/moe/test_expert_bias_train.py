@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megamoe.hf.checkpoint_reader import open_canonical
-from tests.train.helpers import launch, make_dataset, save_init, tiny_config, write_config
+from tests.train.helpers import make_dataset, save_init, tiny_config, train_from_init, write_config
 
 RATE = 0.01
 KEYS = ["layers.1.moe.router.expert_bias", "layers.2.moe.router.expert_bias"]
@@ -35,13 +35,6 @@ def setup(tmp_path_factory):
     return path, save_init(path, d / "init.safetensors")
 
 
-def _run(setup, d, nproc, extra=()):
-    cfg, init = setup
-    rc, log = launch(cfg, nproc, [f"train.init_from={init}", f"train.save_dir={d}/ckpt", f"train.log_dir={d}/logs",
-                                  *extra], launcher="torchrun" if nproc > 1 else "python")
-    assert rc == 0, log[-3000:]
-
-
 def _bias(d, step):
     with open_canonical(str(d / "ckpt"), tag=f"global_step{step}") as sd:
         return [sd[k].clone() for k in KEYS]
@@ -50,8 +43,8 @@ def _bias(d, step):
 @pytest.mark.slow  # ~2.5 min; the 2-rank layer test (test_expert_bias.py) runs in make test
 def test_bias_update_is_layout_free_and_resumes(setup, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    _run(setup, a, 2, ["parallel.expert_parallel=2"])
-    _run(setup, b, 1)
+    train_from_init(setup, a, ["parallel.expert_parallel=2"])
+    train_from_init(setup, b, nproc=1)
     for step in (2, 4):
         for x, y in zip(_bias(a, step), _bias(b, step)):
             assert x.dtype == torch.float32
@@ -62,6 +55,6 @@ def test_bias_update_is_layout_free_and_resumes(setup, tmp_path):
     (c / "ckpt").mkdir(parents=True)
     shutil.copytree(a / "ckpt" / "global_step2", c / "ckpt" / "global_step2")
     (c / "ckpt" / "latest").write_text("global_step2")
-    _run(setup, c, 1, ["train.load=auto"])
+    train_from_init(setup, c, ["train.load=auto"], nproc=1)
     for x, y in zip(_bias(a, 4), _bias(c, 4)):
         assert torch.equal(x, y), (x, y)

@@ -16,7 +16,7 @@ import torch
 
 from megamoe.hf.checkpoint_reader import open_canonical
 from megamoe.moe.hash_moe import random_tid2eid
-from tests.train.helpers import launch, make_dataset, read_metrics, save_init, tiny_config, write_config
+from tests.train.helpers import make_dataset, save_init, tiny_config, train_from_init, write_config
 
 KEY = "layers.1.moe.router.tid2eid"
 
@@ -33,27 +33,19 @@ def setup(tmp_path_factory):
     return path, save_init(path, d / "init.safetensors")
 
 
-def _run(setup, d, extra=()):
-    cfg, init = setup
-    rc, log = launch(cfg, 2, [f"train.init_from={init}", f"train.save_dir={d}/ckpt", f"train.log_dir={d}/logs",
-                              *extra])
-    assert rc == 0, log[-3000:]
-    return [r for r in read_metrics(d / "logs") if r["split"] == "train"]
-
-
 @pytest.mark.slow  # two 2-rank trainer runs (~6 min on the loaded 2-core box); the layer-level EP/TP and
 # load-not-rebuild tests of test_hash_moe.py run in make test
 def test_hash_moe_table_carried_ep2_to_tp2(setup, tmp_path):
     want = random_tid2eid(64, 4, 2, seed=5)
     a, b = tmp_path / "a", tmp_path / "b"
-    ref = _run(setup, a, ["parallel.expert_parallel=2"])
+    ref = train_from_init(setup, a, ["parallel.expert_parallel=2"])
     with open_canonical(str(a / "ckpt"), tag="global_step2") as sd:
         assert torch.equal(sd[KEY], want)
         assert "layers.2.moe.router.tid2eid" not in sd and "layers.1.moe.router.expert_bias" not in sd
     (b / "ckpt").mkdir(parents=True)
     shutil.copytree(a / "ckpt" / "global_step2", b / "ckpt" / "global_step2")
     (b / "ckpt" / "latest").write_text("global_step2")
-    got = _run(setup, b, ["train.load=auto", "parallel.tensor_parallel=2"])
+    got = train_from_init(setup, b, ["train.load=auto", "parallel.tensor_parallel=2"])
     assert [r["step"] for r in got] == [3, 4]
     for x, y in zip(ref[2:], got):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):

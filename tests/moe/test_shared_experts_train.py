@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from megamoe.hf.checkpoint_reader import open_canonical
-from tests.train.helpers import launch, make_dataset, read_metrics, save_init, tiny_config, write_config
+from tests.train.helpers import make_dataset, save_init, tiny_config, train_from_init, write_config
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +26,16 @@ def setup(tmp_path_factory):
     return path, save_init(path, d / "init.safetensors")
 
 
-def _run(setup, d, extra=()):
-    cfg, init = setup
-    rc, log = launch(cfg, 2, [f"train.init_from={init}", f"train.save_dir={d}/ckpt", f"train.log_dir={d}/logs",
-                              *extra])
-    assert rc == 0, log[-3000:]
-    return [r for r in read_metrics(d / "logs") if r["split"] == "train"]
-
-
 def test_shared_experts_resume_tp2_to_dp2(setup, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    ref = _run(setup, a, ["parallel.tensor_parallel=2"])
+    ref = train_from_init(setup, a, ["parallel.tensor_parallel=2"])
     with open_canonical(str(a / "ckpt"), tag="global_step2") as sd:
         assert tuple(sd["layers.1.moe.shared_expert.up_proj.weight"].shape) == (16, 32)  # full, not a TP shard
         assert tuple(sd["layers.0.moe.shared_expert_gate.weight"].shape) == (1, 32)
     (b / "ckpt").mkdir(parents=True)
     shutil.copytree(a / "ckpt" / "global_step2", b / "ckpt" / "global_step2")
     (b / "ckpt" / "latest").write_text("global_step2")
-    got = _run(setup, b, ["train.load=auto"])
+    got = train_from_init(setup, b, ["train.load=auto"])
     assert [r["step"] for r in got] == [3, 4]
     for x, y in zip(ref[2:], got):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):

@@ -136,3 +136,14 @@ def save_init(config: Path, out: Path) -> Path:
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+def train_from_init(setup: tuple[Path, Path], run_dir: Path, extra=(), nproc: int = 2) -> list[dict]:
+    """Train ``setup`` = (config, init weights from :func:`save_init`) with checkpoints and logs
+    under ``run_dir``; returns the train-split metrics rows."""
+    cfg, init = setup
+    rc, log = launch(cfg, nproc, [f"train.init_from={init}", f"train.save_dir={run_dir}/ckpt",
+                                  f"train.log_dir={run_dir}/logs", *extra],
+                     launcher="torchrun" if nproc > 1 else "python")
+    assert rc == 0, log[-3000:]
+    return [r for r in read_metrics(run_dir / "logs") if r["split"] == "train"]

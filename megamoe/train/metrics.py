@@ -32,7 +32,7 @@ def moe_scalars(stats: list, layer_ids: list[int] | None = None) -> dict:
         for name in ("dropped_fraction", "router_entropy", "lb_loss", "seq_lb_loss", "global_lb_loss"):
             v = getattr(s, name, None)
             if v is not None:
-                out[f"moe/layer{i}/{name}"] = float(torch.as_tensor(v).float().mean())
+                out[f"moe/layer{i}/{name}"] = float(torch.as_tensor(v).detach().float().mean())
     return out
 
 

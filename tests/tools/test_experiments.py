@@ -100,3 +100,28 @@ def test_paired_seeds_detect_a_gap_the_seed_spread_hides():
     assert abs(rows["b"]["delta_loss_vs_reference"] - 0.031 / 3) < 1e-12
     assert "paired_seeds" not in rows["c"] and rows["c"]["vs_reference"] == "tie"
     assert rows["a"]["vs_reference"] == "ref"
+
+
+def test_a_run_stopped_by_a_signal_is_not_cached(tmp_path, monkeypatch):
+    """The trainer turns SIGTERM (e.g. the end of a sitting) into a save and an early return; the
+    study must not cache that truncated run as a result."""
+    import common
+
+    import megamoe.run_config
+    import megamoe.train.trainer
+    from megamoe.errors import UserError
+
+    class StoppedTrainer:
+        def __init__(self, run):
+            pass
+
+        def fit(self):
+            return {"finished": False, "step": 7, "stopped_by": "signal 15"}
+
+    monkeypatch.setattr(megamoe.run_config, "load_run_config", lambda path, overrides: None)
+    monkeypatch.setattr(megamoe.train.trainer, "Trainer", StoppedTrainer)
+    study = common.Study(name="s", base_overrides=[], quick_overrides=[], reference={},
+                         arms=[common.Arm("a", [], group="g")])
+    with pytest.raises(UserError, match="arm a seed 0 stopped at step 7"):
+        common.run_study(study, tmp_path, quick=False, seeds=1, only=None)
+    assert not list(tmp_path.glob("*/seed*.json"))

@@ -96,6 +96,11 @@ def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
     trainer = Trainer(run)
     result = trainer.fit()
     wall = time.perf_counter() - t0
+    if not result["finished"]:  # SIGTERM/SIGINT: the trainer saved and stopped early
+        from megamoe.errors import UserError
+
+        raise UserError(f"{study.name}: arm {arm.name} seed {seed} stopped at step {result['step']} "
+                        f"({result['stopped_by']}); not cached, so rerunning the study redoes it")
     hist = trainer.metrics.history
     train = [h for h in hist if h["split"] == "train"]
     valid = [h for h in hist if h["split"] == "valid"]

@@ -82,3 +82,45 @@ def assert_grads_match_shards(layer, ref_grads: dict, tol: dict, label: str = ""
             blocks = layer.num_blocks if name.startswith("experts.") else 1
             want = want.index_select(dim, tp_rows(want.shape[dim], blocks, tp, parallel.tp_rank()))
         torch.testing.assert_close(g, want, **tol, msg=lambda m: f"{label} grad {name}: {m}")
+
+
+ROUTER_LOSSES = ("lb_loss", "z_loss", "seq_lb_loss")
+
+
+def layer_reference(layer, data: list) -> dict:
+    """One process runs ``layer`` over every DP shard of ``data`` (``[(x, dy, RoutingContext or
+    None)]``), as the single-process reference of a 2-rank layer test: per-shard outputs and
+    router losses, the gradients of the summed loss, and the full weights to load on each rank.
+    The losses are a parameter only through ``weighted_loss``, so an unscaled loss that is off
+    (None) is skipped."""
+    outs, total = [], 0.0
+    for x, dy, ctx in data:
+        y, st = layer(x, ctx)
+        losses = {k: getattr(st, k).detach() for k in ROUTER_LOSSES if getattr(st, k) is not None}
+        outs.append((y.detach(), losses))
+        total = total + (y * dy).sum() + st.weighted_loss
+    total.backward()
+    return dict(full=layer.gather_full(""), outs=outs, data=data,
+                grads={n: p.grad.clone() for n, p in layer.named_parameters()})
+
+
+def check_layer_shard(layer, ref: dict, out_tol: dict, grad_tol: dict, loss_tol: dict | None = None) -> None:
+    """On one rank of an initialised layout: ``layer`` (built like the reference's) loads the
+    reference's full weights and runs this rank's DP shard. Its output and router losses equal
+    the reference's shard (``loss_tol``, default ``out_tol``), each gradient equals its shard of the
+    reference's, and gathering the weights back gives the reference's bit for bit."""
+    from megamoe import parallel
+
+    layer.load_full(ref["full"], "")
+    x, dy, ctx = ref["data"][parallel.dp_rank()]
+    y, st = layer(x, ctx)
+    y_ref, losses = ref["outs"][parallel.dp_rank()]
+    torch.testing.assert_close(y, y_ref, **out_tol)
+    for k, want in losses.items():
+        torch.testing.assert_close(getattr(st, k), want, **(loss_tol or out_tol), msg=lambda m: f"{k}: {m}")
+    ((y * dy).sum() + st.weighted_loss).backward()
+    assert_grads_match_shards(layer, ref["grads"], grad_tol)
+    full = layer.gather_full("")
+    assert full.keys() == ref["full"].keys()
+    for k, v in full.items():
+        torch.testing.assert_close(v.cpu(), ref["full"][k].cpu(), atol=0, rtol=0)

@@ -29,7 +29,7 @@ from megamoe.moe.hash_moe import (HashMoERouter, balanced_tid2eid, build_tid2eid
 from megamoe.moe.layer import MoELayer, RoutingContext
 from megamoe.run_config import load_run_config
 from tests.distributed import run_distributed
-from tests.moe.helpers import D, E, V, assert_grads_match_shards, model_cfg
+from tests.moe.helpers import D, E, V, check_layer_shard, layer_reference, model_cfg
 from tests.moe.helpers import F as FFN
 
 OUT_TOL = dict(atol=1e-5, rtol=1e-4)
@@ -235,35 +235,15 @@ def test_hash_layers_after_hash_moe_are_fine():
 # ---------------------------------------------------------------- EP=2 / TP=2
 
 def _reference(shards):
-    layer = _layer()
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(4, 3, D, generator=g), torch.randn(4, 3, D, generator=g),
-             torch.randint(0, V, (4, 3), generator=g)) for _ in range(shards)]
-    outs, zs, total = [], [], 0.0
-    for x, dy, ids in data:
-        y, st = layer(x, RoutingContext(token_ids=ids))
-        outs.append(y.detach())
-        zs.append(st.z_loss.detach())
-        total = total + (y * dy).sum() + st.weighted_loss
-    total.backward()
-    return dict(full=layer.gather_full(""), outs=outs, zs=zs, data=data,
-                grads={n: p.grad.clone() for n, p in layer.named_parameters()})
+             RoutingContext(token_ids=torch.randint(0, V, (4, 3), generator=g))) for _ in range(shards)]
+    return layer_reference(_layer(), data)
 
 
 def _body(rank, world, tp, ep, ref):
     parallel.init_parallel(ParallelConfig(tensor_parallel=tp, expert_parallel=ep))
-    layer = _layer()
-    layer.load_full(ref["full"], "")
-    x, dy, ids = ref["data"][parallel.dp_rank()]
-    y, st = layer(x, RoutingContext(token_ids=ids))
-    torch.testing.assert_close(y, ref["outs"][parallel.dp_rank()], **OUT_TOL)
-    torch.testing.assert_close(st.z_loss, ref["zs"][parallel.dp_rank()], atol=1e-6, rtol=1e-6)
-    ((y * dy).sum() + st.weighted_loss).backward()
-    assert_grads_match_shards(layer, ref["grads"], GRAD_TOL)
-    full = layer.gather_full("")
-    assert full.keys() == ref["full"].keys()
-    for k, v in full.items():
-        torch.testing.assert_close(v.cpu(), ref["full"][k].cpu(), atol=0, rtol=0)
+    check_layer_shard(_layer(), ref, OUT_TOL, GRAD_TOL, loss_tol=dict(atol=1e-6, rtol=1e-6))
 
 
 def test_hash_moe_ep2_equal_single_process():

@@ -20,7 +20,7 @@ from megamoe.model.config import MoEConfig, ParallelConfig, RouterConfig
 from megamoe.moe.layer import MoELayer
 from megamoe.run_config import load_run_config
 from tests.distributed import run_distributed
-from tests.moe.helpers import assert_grads_match_shards, D, E, model_cfg
+from tests.moe.helpers import check_layer_shard, D, E, layer_reference, model_cfg
 
 OUT_TOL = dict(atol=1e-5, rtol=1e-4)
 GRAD_TOL = dict(atol=2e-5, rtol=1e-4)
@@ -71,34 +71,17 @@ def test_bad_settings_name_the_field(overrides, field):
 
 
 def _reference(shards):
-    layer = _layer()
     g = torch.Generator().manual_seed(5)
-    data = [(torch.randn(4, 3, D, generator=g), torch.randn(4, 3, D, generator=g)) for _ in range(shards)]
-    outs, total = [], 0.0
-    for x, dy in data:
-        y, st = layer(x)
-        outs.append(y.detach())
-        total = total + (y * dy).sum() + st.weighted_loss
-    total.backward()
-    return dict(full=layer.gather_full(""), outs=outs, data=data,
-                grads={n: p.grad.clone() for n, p in layer.named_parameters()})
+    data = [(torch.randn(4, 3, D, generator=g), torch.randn(4, 3, D, generator=g), None) for _ in range(shards)]
+    return layer_reference(_layer(), data)
 
 
 def _body(rank, world, tp, ep, ref):
     parallel.init_parallel(ParallelConfig(tensor_parallel=tp, expert_parallel=ep))
     layer = _layer()
-    layer.load_full(ref["full"], "")
-    x, dy = ref["data"][parallel.dp_rank()]
-    y, st = layer(x)
-    torch.testing.assert_close(y, ref["outs"][parallel.dp_rank()], **OUT_TOL)
-    ((y * dy).sum() + st.weighted_loss).backward()
-    assert_grads_match_shards(layer, ref["grads"], GRAD_TOL)
+    check_layer_shard(layer, ref, OUT_TOL, GRAD_TOL)
     if tp > 1:
         assert layer.shared_expert.up_proj.weight.shape[0] == 16 // tp
-    full = layer.gather_full("")
-    assert full.keys() == ref["full"].keys()
-    for k, v in full.items():
-        torch.testing.assert_close(v.cpu(), ref["full"][k].cpu(), atol=0, rtol=0)
 
 
 def test_shared_experts_ep2_equal_single_process():

@@ -150,7 +150,7 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
 
 def markdown(res: dict) -> str:
     s, tasks = res["summary"], res["tasks"]
-    lines = [f"# Multi-task fine-tuning suite", "",
+    lines = ["# Multi-task fine-tuning suite", "",
              *([] if res["complete"] else [f"**INCOMPLETE: {res['done']} of {res['planned']} runs finished; the "
                                            "tables show what ran (resumable from the cache).**", ""]),
              f"Command: `{res['command']}`", "", f"Base: {res['base']}", "",
@@ -306,7 +306,9 @@ def main(argv=None):
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(args.cache) / key
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    from megamoe.utils import atomic_write_text
+
+    atomic_write_text(cache / "settings.json", json.dumps(settings, indent=2) + "\n")  # processes may share a cache
     rank0 = not dp or int(os.environ.get("RANK", "0")) == 0
 
     runs, data_cache = {}, {}
@@ -373,7 +375,6 @@ def main(argv=None):
     res["complete"] = len(runs) == len(planned)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from megamoe.utils import atomic_write_text
 
     atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
     atomic_write_text(out.with_suffix(".md"), markdown(res))

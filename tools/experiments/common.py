@@ -172,6 +172,7 @@ def summarise(study: Study, records: list[dict]) -> list[dict]:
             "params_total": rs[0]["params_total"], "params_active": rs[0]["params_active"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
             **{f"mean_{k}": sum(v) / len(v) for k, v in moe_means.items()},
+            **_final_max_load(rs),
         })
     by_name = {r["arm"]: r for r in rows}
     loss_of = {(r["arm"], r["seed"]): r["valid_lm_loss"] for r in records}
@@ -197,6 +198,13 @@ def summarise(study: Study, records: list[dict]) -> list[dict]:
     return rows
 
 
+def _final_max_load(records: list[dict], tail: float = 0.1) -> dict:
+    """Max/mean load over the last ``tail`` of training (mean over steps, sparse layers and seeds).
+    The run mean alone hides a rule that collapses early and balances late (expert bias does)."""
+    vals = [v for r in records for c in r.get("max_load_curve", {}).values() for _, v in c[-max(1, int(len(c) * tail)):]]
+    return {"final_max_load": sum(vals) / len(vals)} if vals else {}
+
+
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M"
 
@@ -209,20 +217,23 @@ def markdown(study: Study, rows: list[dict], command: str, quick: bool) -> str:
              "of the per-seed differences (paired: arms share each seed's data order); `vs ref`: its "
              "verdict, against the reference arm "
              f"({', '.join(f'{g}: {a}' for g, a in study.reference.items())}); better/worse only when the gap "
-             "exceeds 2 SE, else tie.", "",
+             "exceeds 2 SE, else tie. `dropped` and `max/mean load` (the busiest expert's routed share over "
+             "the mean, before capacity; 1 is perfect balance) are means over training; `last 10%`: the "
+             "max/mean load over the last tenth of the steps.", "",
              "| group | arm | seeds | total params | active params | valid ppl | Δ loss vs ref | vs ref | tokens/s "
-             "| dropped | max/mean load | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dropped | max/mean load | last 10% | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dropped = r.get("mean_dropped_fraction")
-        load = r.get("mean_max_load")
+        load, final = r.get("mean_max_load"), r.get("final_max_load")
         delta = ("" if "delta_loss_vs_reference" not in r else
                  f"{r['delta_loss_vs_reference']:+.4f} ± {r['delta_loss_vs_reference_se']:.4f}")
         lines.append(
             f"| {r['group']} | {r['arm']} | {r['seeds']} | {_fmt_params(r['params_total'])} | "
             f"{_fmt_params(r['params_active'])} | {r['valid_ppl']:.2f} ± {r['valid_ppl_se']:.2f} | {delta} | "
             f"{r.get('vs_reference', '')} | {r['tokens_per_s']:.0f} | "
-            f"{'' if dropped is None else f'{dropped:.3f}'} | {'' if load is None else f'{load:.2f}'} | {r['note']} |")
+            f"{'' if dropped is None else f'{dropped:.3f}'} | {'' if load is None else f'{load:.2f}'} | "
+            f"{'' if final is None else f'{final:.2f}'} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 

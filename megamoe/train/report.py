@@ -45,7 +45,10 @@ def param_counts(model, run) -> dict:
     moe = run.moe
     active = total - expert_total
     for layer, n in expert_by_layer.items():
-        k = moe.hash.num_hashes if layer in moe.hash_layers else (
+        # MultiHash: N hashes pick N experts, but each computes only its block of F/N rows, so
+        # FFN experts add up to one expert's worth; MPO experts touch N experts' local tensors.
+        multihash = moe.hash.num_hashes if moe.hash.expert_type == "mpo" else 1
+        k = multihash if layer in moe.hash_layers else (
             moe.hash_moe_top_k if layer in moe.hash_moe_layer_indices(run.model.num_layers) else moe.router.top_k)
         active += n * min(k, moe.num_experts) // max(1, moe.num_experts)
     return {"total": total, "active": active, "embedding": embed, "active_non_embedding": active - embed}

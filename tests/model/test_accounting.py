@@ -107,3 +107,17 @@ def _check_sharded(tp, ep):
 def test_accounting_sharded():
     """Under TP=2 and then EP=2 (2 ranks, one spawn) the gathered model has the config's count."""
     run_distributed(_sharded_body, 2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_trainer_param_counts_equal_accounting(name):
+    """The trainer's counts (summary.json, the studies' tables) come from the built model; they
+    must equal the accounting's, MultiHash included (N blocks of F/N rows are one expert's worth)."""
+    from types import SimpleNamespace
+
+    from megamoe.train.report import param_counts
+
+    cfg, moe = CASES[name]
+    acc = account(cfg, moe)
+    got = param_counts(build(cfg, moe), SimpleNamespace(model=cfg, moe=moe))
+    assert (got["total"], got["active"]) == (acc.total, acc.active)

@@ -96,6 +96,8 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
     """Means and bootstrap 95% intervals per arm and size, and the claims' paired intervals."""
     import numpy as np
 
+    from megamoe.finetune.run import routing_learned
+
     T = len(tasks)
     rows, draws = [], {}
     for size in sizes:
@@ -107,7 +109,7 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
             per_task, avg = bootstrap(right, test_tasks, T)
             draws[(arm, size)] = {r["seed"]: row for r, row in zip(rs, right)}
             mean_t = [float(np.mean([r["per_task_acc"][t] for r in rs])) for t in range(T)]
-            learned = [r["routing_learned"] for r in rs if r.get("routing_learned") is not None]
+            learned = [x for x in (routing_learned(r["routing_entropy"]) for r in rs) if x is not None]
             rows.append({"arm": arm, "label": LABELS.get(arm, arm), "size": size, "seeds": len(rs),
                          "per_task": mean_t, "per_task_ci": np.percentile(per_task, [2.5, 97.5], axis=1).T.tolist(),
                          "avg": float(np.mean(mean_t)), "avg_ci": np.percentile(avg, [2.5, 97.5]).tolist(),

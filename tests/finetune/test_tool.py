@@ -64,7 +64,7 @@ def test_quick_suite_and_resume(setup):
     for r in rows:
         lo, hi = r["avg_ci"]
         assert r["seeds"] == 2 and lo <= r["avg"] + 1e-9 and r["avg"] <= hi + 1e-9
-        assert (r["routing_learned"] is not None) == (r["arm"] in ("poly", "cpoly", "tensorpoly1"))
+        assert (r["routing_learned"] is not None) == (r["arm"] in ("poly", "cpoly", "tensorpoly1", "mta", "mta_one"))
     claims = {c["claim"].split(" (")[0] for c in res["summary"]["claims"]}
     assert claims == {c[0].split(" (")[0] for c in tool.CLAIMS}
     md = (tmp / "res" / "ft.md").read_text()

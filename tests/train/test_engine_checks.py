@@ -61,6 +61,7 @@ def _check_then_break(rank, world, ep, zero, precision):
     base = _base_optimizer(engine.optimizer)
     planned = [(g.get("name"), bool(g.get("moe")), [True] if g.get("moe") else [False]) for g in base.param_groups]
     summary = check_deepspeed_moe(engine, model, ep, planned)
+    assert engine.enable_backward_allreduce  # two DP ranks: DeepSpeed must reduce the gradients
     edp = [rank] if ep == 2 else [0, 1]
     assert summary["expert_dp"] == edp and summary["dp"] == [0, 1] and summary["group"] == name
     assert summary["moe_layers"] == 2 and summary["moe_param_groups"], summary
@@ -164,3 +165,28 @@ def test_mfu_peak_is_measured_in_the_training_dtype(monkeypatch):
         seen.clear()
         assert report.measure_peak_flops(precision, n=64, reps=1) > 0
         assert seen == [dtype, dtype], (precision, seen)
+
+
+def _skip_one_rank_allreduce(rank, world):
+    """One DP rank at ZeRO-0: build_engine turns DeepSpeed's bucketed all-reduce off (a flatten
+    and copy of every gradient for nothing). Two steps with it on and off give bit-identical
+    parameters, so skipping it changes nothing but the time."""
+    import torch
+
+    params = {}
+    for reduce in (False, True):
+        engine, model, _ = _engine(1, 0, "fp32")
+        assert engine.enable_backward_allreduce is False
+        engine.enable_backward_allreduce = reduce
+        x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            engine.backward(engine(x[:, :-1], x[:, 1:], None).loss)
+            engine.step()
+        params[reduce] = [p.detach().clone() for p in model.parameters()]
+        engine.destroy()
+    assert all(torch.equal(a, b) for a, b in zip(params[False], params[True]))
+    assert not all(torch.equal(a, b) for a, b in zip(params[False], _engine(1, 0, "fp32")[1].parameters()))
+
+
+def test_one_rank_skips_deepspeed_allreduce():
+    run_distributed(_skip_one_rank_allreduce, world_size=1)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -140,8 +141,8 @@ def _time_steps(step, warmup: int, steps: int, device: str) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def bench_megamoe(run, seq, mbs, warmup, steps, device) -> float:
-    """Seconds per optimizer step through megamoe's DeepSpeed engine (this process's ranks)."""
+def bench_megamoe(run, seq, mbs, device):
+    """(step, close) of one optimizer step through megamoe's DeepSpeed engine (this process's ranks)."""
     import torch
 
     from megamoe import parallel
@@ -163,11 +164,13 @@ def bench_megamoe(run, seq, mbs, warmup, steps, device) -> float:
         engine.backward(out.loss)
         engine.step()
 
-    dt = _time_steps(step, warmup, steps, device)
-    engine.destroy()
-    del engine, model
-    _free(device)
-    return dt
+    def close():
+        nonlocal engine, model
+        engine.destroy()
+        del engine, model
+        _free(device)
+
+    return step, close
 
 
 def _free(device: str) -> None:
@@ -181,8 +184,8 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_megamoe_plain(run, seq, mbs, warmup, steps, device) -> float:
-    """Seconds per step of megamoe's model under the same plain torch AdamW loop as the
+def bench_megamoe_plain(run, seq, mbs, device):
+    """(step, close) of one step of megamoe's model under the same plain torch AdamW loop as the
     transformers baselines (no DeepSpeed engine): the like-for-like comparison, and the one
     that fits E=64 (1.15 B fp32 params + grads + AdamW ~ 18 GB) on a 24 GB machine."""
     import torch
@@ -201,12 +204,15 @@ def bench_megamoe_plain(run, seq, mbs, warmup, steps, device) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dt = _time_steps(step, warmup, steps, device)
-    del model, opt
-    return dt
+    def close():
+        nonlocal model, opt
+        del model, opt
+        _free(device)
+
+    return step, close
 
 
-def bench_hf(run, seq, mbs, warmup, steps, device) -> float:
+def bench_hf(run, seq, mbs, device):
     import torch
 
     torch.manual_seed(1)
@@ -222,10 +228,12 @@ def bench_hf(run, seq, mbs, warmup, steps, device) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dt = _time_steps(step, warmup, steps, device)
-    del model, opt
-    _free(device)
-    return dt
+    def close():
+        nonlocal model, opt
+        del model, opt
+        _free(device)
+
+    return step, close
 
 
 def flops_per_token(run, seq) -> tuple[float, dict]:
@@ -247,7 +255,9 @@ def distributed_worker(args) -> None:
     arch, experts = CASES[case] if CASES[case] else (None, 0)
     run, seq, mbs = run_config(case, arch, experts, ep=2)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dt = bench_megamoe(run, seq, mbs, args.warmup, args.steps, "cpu")
+    step, close = bench_megamoe(run, seq, mbs, "cpu")
+    dt = _time_steps(step, args.warmup, args.steps, "cpu")
+    close()
     t = comm.all_reduce(torch.tensor([dt]), "max")  # the slowest rank sets the step time
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"case": case, "step_s": float(t), "tokens_per_step": mbs * seq * 2}), flush=True)
@@ -259,6 +269,9 @@ def main(argv=None) -> int:
                     help="comma-separated cases: demo, dense, e8, e64 (CPU default demo,dense,e8; e64 needs ~18 GB "
                          "per implementation: run it alone); CUDA: dense, e8, e64 (default e8,e64)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 3 CPU, 10 CUDA)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timed rounds of --steps steps per implementation, alternating between them; the "
+                         "median round is reported (default 5 CPU, 3 CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 3 CUDA)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2-rank run: threads/2 per rank)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -289,7 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    args.steps = args.steps or (10 if cuda else 3)
+    args.steps = args.steps or (10 if cuda else 2)
+    args.rounds = args.rounds or (3 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     precision = args.precision or ("bf16" if cuda else "fp32")
     zero_stage = args.zero_stage if args.zero_stage is not None else (2 if cuda else 0)
@@ -325,11 +339,18 @@ def main(argv=None) -> int:
                "precision": run.train.precision, "expert_backend": backend if run.moe.num_experts else None,
                **counts, "flops_per_token": fpt}
         ours = bench_megamoe_plain if args.megamoe_loop == "plain" else bench_megamoe
-        for impl, fn in (("megamoe", None if args.no_megamoe else ours),
-                         ("transformers", None if args.no_hf else bench_hf)):
-            if fn is None or (impl == "transformers" and case == "demo"):
-                continue  # demo's hash/MPO layers have no transformers equivalent
-            dt = fn(run, seq, mbs, args.warmup, args.steps, args.device)
+        impls = {impl: fn for impl, fn in (("megamoe", None if args.no_megamoe else ours),
+                                           ("transformers", None if args.no_hf else bench_hf))
+                 # demo's hash/MPO layers have no transformers equivalent
+                 if fn is not None and not (impl == "transformers" and case == "demo")}
+        # CUDA: one at a time, so each peak-memory reading is its own.
+        times = time_interleaved(impls, run, seq, mbs, args, together=not cuda and case != "e64")
+        if len(times) == 2 and all(len(t) > 1 for t in times.values()):
+            paired = [a / b for a, b in zip(times["transformers"], times["megamoe"])]
+            row["speedup_rounds"] = paired
+        for impl, ts in times.items():
+            dt = statistics.median(ts)
+            row[f"{impl}_step_s_rounds"] = ts
             row[f"{impl}_tokens_per_s"] = tokens / dt
             row[f"{impl}_mfu"] = fpt * tokens / dt / peak
             if cuda:
@@ -342,7 +363,7 @@ def main(argv=None) -> int:
             from megamoe.parallel import free_port
 
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), __file__, "--worker", case, "--steps", str(args.steps), "--warmup",
+                   str(free_port()), __file__, "--worker", case, "--steps", str(args.steps * args.rounds), "--warmup",
                    str(args.warmup)]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -356,13 +377,15 @@ def main(argv=None) -> int:
             else:
                 row["ds_ep2_error"] = (p.stdout + p.stderr)[-2000:]
                 print(f"{case:6s} ds-ep2-2rank FAILED (see JSON)", flush=True)
-        if "megamoe_tokens_per_s" in row and "transformers_tokens_per_s" in row:
+        if "speedup_rounds" in row:  # the median of the paired rounds' ratios
+            row["speedup_vs_transformers"] = statistics.median(row["speedup_rounds"])
+        elif "megamoe_tokens_per_s" in row and "transformers_tokens_per_s" in row:
             row["speedup_vs_transformers"] = row["megamoe_tokens_per_s"] / row["transformers_tokens_per_s"]
         rows.append(row)
     result = {"command": " ".join(["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
               "device": args.device, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
               "threads": args.threads, "precision": precision, "megamoe_loop": args.megamoe_loop,
-              "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
+              "matmul_peak_flops": peak, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
     out = Path(args.output or ("results/bench_train_cuda" if cuda else "results/bench_train"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -372,6 +395,35 @@ def main(argv=None) -> int:
     atomic_write_text(f"{out}.md", to_markdown(result))
     print(to_markdown(result))
     return 0
+
+
+def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> dict[str, list[float]]:
+    """Seconds per step of each implementation, one value per round of ``--steps`` steps.
+
+    ``together``: every implementation is built first and the rounds alternate between them
+    (``--rounds``), so a slow spell of the machine hits both alike and the ratio comes from
+    paired rounds. On this 2-core VM two back-to-back runs of the sequential version moved the
+    E=8 ratio from 1.24x to 0.91x. Otherwise (E=64: ~18 GB per implementation) each is built,
+    timed for all its rounds and freed in turn (CUDA too, so that each peak-memory reading is
+    its own)."""
+    made, times = {}, {impl: [] for impl in impls}
+    for impl, fn in impls.items():
+        if not together:
+            step, close = fn(run, seq, mbs, args.device)
+            for _ in range(args.warmup):
+                step()
+            times[impl] = [_time_steps(step, 0, args.steps, args.device) for _ in range(args.rounds)]
+            close()
+            continue
+        made[impl] = fn(run, seq, mbs, args.device)
+        for _ in range(args.warmup):
+            made[impl][0]()
+    for _ in range(args.rounds if together else 0):
+        for impl, (step, _) in made.items():
+            times[impl].append(_time_steps(step, 0, args.steps, args.device))
+    for _, close in made.values():
+        close()
+    return times
 
 
 def _expert_backend(device: str) -> str | None:
@@ -389,7 +441,8 @@ def to_markdown(result: dict) -> str:
     lines = [f"`{result.get('command', 'python tools/bench_train.py')}`", "",
              f"{result.get('precision', 'fp32')} matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
              f"({result.get('device_name', result['device'])}, {result['threads']} threads) = the MFU denominator; "
-             f"{result['steps']} timed steps after {result['warmup']} warm-up, {result['date']}.", "",
+             f"{result.get('rounds', 1)} alternating rounds of {result['steps']} timed steps after {result['warmup']} warm-up "
+             f"(median round; speedup = median of the paired rounds' ratios), {result['date']}.", "",
              "| model | total params | megamoe tok/s | MFU | transformers tok/s | MFU | speedup | DS EP=2 2-rank tok/s | overhead |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.model.config import ParallelConfig
-from megamoe.utils import skip_deepspeed_shm_op
+from megamoe.utils import keep_freed_cpu_memory, skip_deepspeed_shm_op
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ def init_distributed(backend: str | None = None) -> None:
     if dist.is_initialized():
         return
     skip_deepspeed_shm_op()
+    if not torch.cuda.is_available():
+        keep_freed_cpu_memory()  # CPU steps page-fault on every large buffer otherwise
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]

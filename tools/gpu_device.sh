@@ -4,19 +4,22 @@
 #
 #   python tools/gpu_wheels.py          # here, once: .whl/ + the exact call to make
 #   bash tools/gpu_device.sh            # there (device tool: carry .whl and data/..., timeout_s 600)
-#   bash tools/gpu_device.sh --cpu-smoke --wheels /tmp/whl311   # a rehearsal of the same path on CPU
+#   python tools/gpu_wheels.py --python-version 3.11 --dest /tmp/whl311 \
+#     && bash tools/gpu_device.sh --cpu-smoke --wheels /tmp/whl311    # the same path rehearsed on CPU
 #
 # Wheels from WHEELS (default .whl/) are installed with pip --no-index --target into SITE (default
 # /tmp/megamoe-site) and put first on PYTHONPATH, so the image's own torch (CUDA build) is used and
-# the carried pins win over the image's versions of the same packages. PYTHON (default python3, the
-# image's interpreter that holds torch) runs everything. Every argument except --wheels goes to
-# tools/gpu_check.sh. When the device tool's $OUT is set, results/gpu_check.{json,md} (or the
-# smoke's) and a tarball of the step logs are copied there, since only $OUT comes back.
+# the carried pins win over the image's versions of the same packages. PYTHON (default:
+# .venv/bin/python where it exists, else python3, the image's interpreter that holds torch) runs
+# everything. Every argument except --wheels goes to tools/gpu_check.sh. When the device tool's
+# $OUT is set, results/gpu_check.{json,md} (or the smoke's) and a tarball of the step logs are
+# copied there, since only $OUT comes back.
 # Exit status: gpu_check.sh's, or 3 when the wheels or imports fail (nothing ran).
 set -u -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-python3}"
+# the project's venv where there is one (a rehearsal here), else the image's python3 that holds torch
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 WHEELS="$ROOT/.whl"
 SITE="${SITE:-/tmp/megamoe-site}"
 ARGS=()

@@ -215,7 +215,9 @@ class FFNExperts(nn.Module):
 
     @staticmethod
     def _to_local(proj: str, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Canonical ``[out, in]`` -> this rank's ``[Fl, D]`` rows."""
+        """Canonical ``[out, in]`` -> this rank's ``[Fl, D]`` rows (``rows`` moves to ``w``'s device:
+        index ops reject an index on another device, and the module's tensors may be on CUDA)."""
+        rows = rows.to(w.device)
         return w.t().index_select(0, rows) if proj == "down_proj" else w.index_select(0, rows)
 
     def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
@@ -234,7 +236,7 @@ class FFNExperts(nn.Module):
             local = getattr(self, proj).detach()  # [L, Fl, D]
             full = local.new_empty(n_local, self.ffn, self.hidden)
             for r, shard in enumerate(_gather(local, self.tp_group, self.tp_size)):
-                full.index_copy_(1, rows[r], shard)
+                full.index_copy_(1, rows[r].to(full.device), shard)  # the index on the tensors' device
             for r, block in enumerate(_gather(full, self.ep_group, self.ep_size)):
                 for i, w in enumerate(block):
                     out[f"{prefix}{r * n_local + i}.{proj}.weight"] = (w.t() if proj == "down_proj" else w).contiguous()

@@ -96,6 +96,15 @@ def init_parallel(parallel: ParallelConfig, backend: str | None = None) -> Layou
     return Layout(world=world, tp=parallel.tensor_parallel, ep=parallel.expert_parallel, dp=dp)
 
 
+def init_cpu_parallel(parallel: ParallelConfig | None = None) -> Layout:
+    """Groups for a model that runs on this process's CPU: evaluation, expert analysis, export,
+    or a model built outside a launched job (:func:`megamoe.model.layers.ensure_parallel`).
+    gloo even where CUDA is available: with the default NCCL such a model fails at its first
+    collective, since NCCL rejects CPU tensors and megatron-core's vocab-parallel cross-entropy
+    all-reduces even over a TP group of one."""
+    return init_parallel(parallel or ParallelConfig(), backend="gloo")
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state as ps
 

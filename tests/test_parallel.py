@@ -48,3 +48,33 @@ def test_deepspeed_starts_despite_a_stale_shm_op_build_lock(tmp_path):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and "started" in p.stdout, p.stderr[-2000:]
+
+
+_CPU_WORLD_WITH_CUDA = """
+import sys
+import torch
+import torch.distributed as dist
+torch.cuda.is_available = lambda: True  # a GPU machine, as far as megamoe's set-up can tell
+torch.cuda.set_device = lambda device: None
+from megamoe import parallel
+from megamoe.model.layers import ensure_parallel
+from megamoe.model.config import ParallelConfig
+{call}
+print(dist.get_backend(), dist.get_backend(parallel.tp_group()))
+t = torch.ones(2)
+torch.distributed.all_reduce(t, group=parallel.tp_group())  # megatron's vocab-parallel CE does this on CPU logits
+"""
+
+
+@pytest.mark.parametrize("call", ["ensure_parallel()", "parallel.init_cpu_parallel(ParallelConfig())"])
+def test_a_cpu_model_gets_gloo_groups_on_a_gpu_machine(call):
+    """evaluate.py, analyze_experts.py and models built outside a job (export, import) run on the
+    CPU; with NCCL, the default where CUDA is available, their first collective on a CPU tensor
+    fails. Here CUDA is mocked as available: NCCL (absent from the CPU build) would fail to start."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _CPU_WORLD_WITH_CUDA.format(call=call)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "gloo gloo"

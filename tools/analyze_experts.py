@@ -132,7 +132,7 @@ def analyze(ckpt_path: str, split: str = "valid", data_prefix: str | None = None
     if tok_path is None:
         raise UserError("no tokenizer known: the run had no data.tokenizer_model and no dataset metadata")
     sp = load_sentencepiece(str(tok_path))
-    parallel.init_parallel(run.parallel)
+    parallel.init_cpu_parallel(run.parallel)  # the model runs on the CPU here, also on a GPU machine
     model = build_model(run.model, run.moe, run.parallel, build_tables=False)
     load_full_state_dict(model, ck.state_dict)
     model.eval()

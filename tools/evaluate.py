@@ -142,7 +142,7 @@ def evaluate_checkpoint(ckpt: Path, split: str = "valid", data_prefix: str | Non
     if data_prefix:
         run.data.data_path = [data_prefix]
         run.data.tokenizer_model = run.data.tokenizer_model  # keep; metadata check still applies
-    parallel.init_parallel(run.parallel)
+    parallel.init_cpu_parallel(run.parallel)  # the model runs on the CPU here, also on a GPU machine
     model = build_model(run.model, run.moe, run.parallel)
     from megamoe.hf.checkpoint_reader import open_canonical
 

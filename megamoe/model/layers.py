@@ -26,15 +26,16 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megamoe import comm, parallel
-from megamoe.model.config import ModelConfig, ParallelConfig
+from megamoe.model.config import ModelConfig
 
 
 def ensure_parallel() -> None:
-    """Initialise a world of one (TP=EP=DP=1) when the caller did not call ``init_parallel``."""
+    """Initialise a world of one (TP=EP=DP=1, gloo: :func:`megamoe.parallel.init_cpu_parallel`)
+    when the caller did not call ``init_parallel``."""
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        parallel.init_parallel(ParallelConfig())
+        parallel.init_cpu_parallel()
 
 
 def mp_config() -> ModelParallelConfig:

@@ -10,7 +10,8 @@
 #   env          torch / CUDA / DeepSpeed / transformers versions; GPU mode needs torch.cuda
 #   cuda_tests   pytest -m cuda tests/  (grouped vs per-expert equivalence in bf16/fp32 ...; on CPU
 #                they skip; on a GPU a skipped or missing CUDA test is a failure)
-#   bench_moe    tools/bench_moe.py --device cuda (noted and skipped if the flag does not exist yet)
+#   bench_moe    tools/bench_moe.py --device cuda --dtype bfloat16 (the dtype torch._grouped_mm runs as
+#                one CUTLASS kernel on SM90; fp32 takes its per-group fallback)
 #   train        pretrain/pretrain_moe.py --config configs/moe_8x.yaml + overrides: a ~1 B-total
 #                MoE (D=1024, L=12, E=8 top-2, F=2944), bf16, ZeRO-2, 150 steps, seq 2048 x 8;
 #                tokens/s and MFU (bf16 matmul peak) = medians of its metrics.jsonl after step 20
@@ -118,7 +119,7 @@ if [ "$MODE" = gpu ]; then
          train.warmup_steps=10 train.log_interval=10 train.eval_iters=4)
   GEN_DEVICE=cuda
   EVAL_ARGS=(--max-batches 2 --micro-batch-size 2)   # evaluate.py runs on the CPU
-  BENCH_MOE=(--device cuda --experts 8 64 --tokens 16384 --hidden 1024 --ffn 2944 --reps 5 --budget-s 10)
+  BENCH_MOE=(--device cuda --dtype bfloat16 --experts 8 64 --tokens 16384 --hidden 1024 --ffn 2944 --reps 5 --budget-s 10)
   BENCH_TRAIN=(--device cuda --steps 5 --warmup 2)
 else
   MODEL=(model.vocab_size=64 model.hidden_size=32 model.num_layers=2 model.num_heads=4 model.num_kv_heads=2

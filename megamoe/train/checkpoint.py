@@ -73,9 +73,14 @@ SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "zero_to_fp32.py"
 
 
 def rng_state() -> dict:
+    """Every generator a step draws from. ``cuda``: this rank's device generator (router jitter
+    and anything else drawn on the GPU), absent when CUDA is unused."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                     gauss), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -84,6 +89,8 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # a checkpoint from CPU resumes on GPU and back
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def read_latest(save_dir: str | Path) -> str | None:

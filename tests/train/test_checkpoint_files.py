@@ -182,3 +182,22 @@ def test_config_mismatch_names_the_first_differing_field():
     check_compatible(saved, {**saved, "parallel": {"expert_parallel": 2}}, "ck")  # layout may differ
     with pytest.raises(UserError, match=r"moe\.router\.top_k differs \(checkpoint 1 vs config 2\)"):
         check_compatible(saved, {**saved, "moe": {"num_experts": 4, "router": {"top_k": 2, "z_loss_coef": 0.0}}}, "ck")
+
+
+def test_rng_state_carries_the_cuda_generator(tmp_path, monkeypatch):
+    """On a GPU the router's jitter draws from the device generator: a resume must restore it too,
+    or the first steps after it differ. CUDA is mocked (its generator is a byte tensor); the state
+    goes through the file format the trainer uses (torch.save, weights_only load)."""
+    import torch
+
+    from megamoe.train import checkpoint as ck
+
+    device_state = {"now": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": device_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": device_state.update(now=s.clone()))
+    torch.save(ck.rng_state(), tmp_path / "rng.pt")
+    device_state["now"] = torch.zeros(16, dtype=torch.uint8)  # the steps after the save move it
+    ck.set_rng_state(torch.load(tmp_path / "rng.pt", map_location="cpu", weights_only=True))
+    assert torch.equal(device_state["now"], torch.arange(16, dtype=torch.uint8))

@@ -36,11 +36,12 @@ from __future__ import annotations
 import torch
 
 from megamoe import comm, parallel
+from megamoe.moe.router import count_per_expert
 
 
 def selection_counts(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] long: how many of the T*K choices picked each expert (before capacity)."""
-    return torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    return count_per_expert(expert_ids_TK, num_experts)
 
 
 def sequence_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, num_sequences: int) -> torch.Tensor:

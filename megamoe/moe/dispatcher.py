@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from megamoe import comm
+from megamoe.moe.router import count_per_expert
 
 
 @dataclass
@@ -46,14 +47,13 @@ class Dispatcher:
                  keep_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
         """-> (rows grouped by local slot [R, D], rows per local slot [L], plan)."""
         T, K = slot_ids_TK.shape
-        token_TK = torch.arange(T, device=x_TD.device).unsqueeze(1).expand(T, K)
-        keep_N = keep_TK.reshape(-1)
-        slots_N = slot_ids_TK.reshape(-1)[keep_N]
-        order = torch.argsort(slots_N, stable=True)
-        token_idx_N = token_TK.reshape(-1)[keep_N][order]
-        plan = DispatchPlan(token_idx_N=token_idx_N, weights_N=weights_TK.reshape(-1)[keep_N][order],
-                            counts_S=torch.bincount(slots_N, minlength=self.num_slots), num_tokens=T)
-        x_ND = x_TD[token_idx_N]
+        # The one host sync dispatch needs: the number of kept pairs sizes every buffer below.
+        kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)  # flat (token, choice) index = token * K + choice
+        slots_N = slot_ids_TK.reshape(-1)[kept_N]
+        pair_N = kept_N[torch.argsort(slots_N, stable=True)]
+        plan = DispatchPlan(token_idx_N=pair_N // K, weights_N=weights_TK.reshape(-1)[pair_N],
+                            counts_S=count_per_expert(slots_N, self.num_slots), num_tokens=T)
+        x_ND = x_TD[plan.token_idx_N]
         if self.ep_size == 1:
             return x_ND, plan.counts_S, plan
         P, L = self.ep_size, self.local_slots

@@ -47,7 +47,7 @@ from megamoe.moe.experts import FFNExperts
 from megamoe.moe.hash_moe import HashMoERouter
 from megamoe.moe.hashing import HashRouter, RoutingContext
 from megamoe.moe.mpo import MPOExperts
-from megamoe.moe.router import LearnedRouter, RouterOutput
+from megamoe.moe.router import LearnedRouter, RouterOutput, count_per_expert
 
 __all__ = ["MoELayer", "MoEStats", "RoutingContext"]
 
@@ -142,7 +142,6 @@ class MoELayer(nn.Module):
         return expert_ids_TK * self.num_blocks + torch.arange(self.num_blocks, device=expert_ids_TK.device)
 
     def stats(self, r: RouterOutput, num_sequences: int = 1) -> MoEStats:
-        kept = r.expert_ids_TK[r.keep_TK]
         seq = glob = None
         if self.seq_aux_loss_coef > 0:
             seq = balance.sequence_balance_loss(r.probs_TE, r.expert_ids_TK, num_sequences).float()
@@ -155,7 +154,7 @@ class MoELayer(nn.Module):
             entropy = torch.zeros(())
         return MoEStats(lb_loss=r.lb_loss, z_loss=r.z_loss, aux_loss_coef=self.aux_loss_coef,
                         z_loss_coef=self.z_loss_coef,
-                        tokens_per_expert=torch.bincount(kept, minlength=self.num_experts),
+                        tokens_per_expert=count_per_expert(r.expert_ids_TK, self.num_experts, r.keep_TK),
                         dropped_fraction=1.0 - r.keep_TK.float().mean(), router_entropy=entropy,
                         selected_per_expert=balance.selection_counts(r.expert_ids_TK, self.num_experts),
                         seq_lb_loss=seq, global_lb_loss=glob, seq_aux_loss_coef=self.seq_aux_loss_coef,

@@ -142,6 +142,16 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> in
     return math.ceil(factor * num_tokens * top_k / num_experts)
 
 
+def count_per_expert(ids: torch.Tensor, num: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[num] long: how often each id in [0, num) occurs in ``ids``, each occurrence counted
+    ``weights`` times (0/1 masks, integers) when given. ``torch.bincount`` without its host sync:
+    on CUDA bincount reads ``ids.max()`` back to size its output, a stall in every MoE layer's
+    forward; adding into a fixed-size buffer needs none."""
+    flat = ids.reshape(-1).long()
+    w = torch.ones_like(flat) if weights is None else weights.reshape(-1).long()
+    return torch.zeros(num, dtype=torch.long, device=ids.device).scatter_add_(0, flat, w)
+
+
 def capacity_keep_mask(expert_ids_TK: torch.Tensor, priority_TK: torch.Tensor, num_experts: int,
                        cap: int | None) -> torch.Tensor:
     """True for the pairs that get one of ``cap`` seats of their expert; lower priority value
@@ -152,7 +162,7 @@ def capacity_keep_mask(expert_ids_TK: torch.Tensor, priority_TK: torch.Tensor, n
     ids_N = expert_ids_TK.reshape(-1)
     by_priority = torch.argsort(priority_TK.reshape(-1), stable=True)
     order = by_priority[torch.argsort(ids_N[by_priority], stable=True)]
-    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    counts_E = count_per_expert(ids_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order]]
     keep_N = torch.empty_like(ids_N, dtype=torch.bool)
@@ -162,7 +172,7 @@ def capacity_keep_mask(expert_ids_TK: torch.Tensor, priority_TK: torch.Tensor, n
 
 def load_balancing_loss(probs_TE: torch.Tensor, first_choice_T: torch.Tensor) -> torch.Tensor:
     num_experts = probs_TE.shape[-1]
-    f_E = torch.bincount(first_choice_T, minlength=num_experts).to(probs_TE.dtype) / first_choice_T.numel()
+    f_E = count_per_expert(first_choice_T, num_experts).to(probs_TE.dtype) / first_choice_T.numel()
     p_E = probs_TE.mean(0)
     return num_experts * torch.sum(f_E * p_E)
 

@@ -1,5 +1,6 @@
 """Layer bookkeeping with a fixed router and pass-through experts, and MoEStats."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,31 @@ def test_stats_learned_and_hash():
     pos = torch.arange(10).view(1, 10)
     _, hs = hash_layer(torch.randn(1, 10, D), RoutingContext(positions=pos))
     assert hs.tokens_per_expert.tolist() == [3, 3, 2, 2] and hs.dropped_fraction == 0 and hs.weighted_loss == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_check.sh runs it)")
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
+def test_cuda_layer_step_has_one_host_sync(capacity_factor):
+    """A learned top-2 layer's forward + backward in bf16 on one GPU (EP=1, grouped_mm) stalls the
+    host once: the dispatcher's count of kept pairs, which sizes its buffers. Counting, balance
+    losses and stats stay on the device (a bincount per call synced before). Counted with torch's
+    sync debug mode; the message lists where each sync happened."""
+    import warnings
+
+    torch.manual_seed(0)
+    layer = MoELayer(model_cfg(), MoEConfig(num_experts=E, every=1, router=RouterConfig(
+        top_k=2, capacity_factor=capacity_factor)), 0).cuda().to(torch.bfloat16).train()
+    x = torch.randn(2, 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for step in range(2):  # the first step warms up the kernels and allocator
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                y, st = layer(x, RoutingContext())
+                (y.float().square().mean() + st.weighted_loss).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs

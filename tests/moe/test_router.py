@@ -186,3 +186,16 @@ def test_bf16_training_tracks_fp32(tmp_path):
           f"max rel diff {rel.max():.4f}, mean rel diff of last 10 {rel[-10:].mean():.4f}")
     assert rel.max() < 0.005 and rel[-10:].mean() < 0.002
     assert a[-1] < 0.9 * a[0]  # it trained
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_count_per_expert_equals_bincount(weighted):
+    from megamoe.moe.router import count_per_expert
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (50, 3), generator=g)
+    ids[0, 0] = 0  # ids absent from the batch count 0 (bincount's minlength)
+    keep = torch.rand(50, 3, generator=g) > 0.3
+    want = torch.bincount(ids[keep] if weighted else ids.reshape(-1), minlength=9)
+    got = count_per_expert(ids, 9, keep if weighted else None)
+    assert got.dtype == torch.long and torch.equal(got, want)

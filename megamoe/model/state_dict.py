@@ -96,8 +96,8 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full canonical tensors (detached CPU clones) on every rank. Collective over all ranks."""
     out: dict[str, torch.Tensor] = {}
     for name, obj in _walk(model):
-        if isinstance(obj, torch.nn.Module):
-            out.update(obj.gather_full(name + "."))
+        if isinstance(obj, torch.nn.Module):  # MoE layers gather on their device: bring them home too
+            out.update({k: v.cpu() for k, v in obj.gather_full(name + ".").items()})
             continue
         t, dim = obj.detach(), _tp_dim(obj)
         if dim is not None:

@@ -14,7 +14,9 @@ Also measured, in the same rounds:
   experts at T=4096: the bytes they must move (weights read in forward and in backward,
   weight gradients written) over that bandwidth, beside the compute floor (the dense FFN:
   same FLOPs) and the layer's ratio to each;
-- MPO: the time of contracting the chains alone, by the chosen tree and by every tree.
+- MPO: the time of contracting the chains alone, by the chosen tree and by every tree;
+- the Switch layer's experts alone on the rows its router keeps, so that the layer's own
+  overhead (routing, dispatch, combine) is separated from the expert matmuls.
 Where a goal of issue 8 is missed, a profile of our layer (top ops by self time) is written.
 Writes results/bench_moe.json and results/bench_moe.md with the command line.
 
@@ -46,6 +48,7 @@ from megamoe.moe.layer import MoELayer
 from megamoe.utils import atomic_write_text, progress
 
 SWITCH = "megamoe Switch top-1"
+EXPERTS_ONLY = f"  {SWITCH}: experts only (its counts)"
 
 
 class SwiGLU(nn.Module):
@@ -146,6 +149,7 @@ def make_runs(E, T, D, F_, V, mpo_bonds, device, dtype, baselines=True):
 
     sw_layer, _ = ours(MoEConfig(num_experts=E, every=1, router=rc))
     layers["switch"] = sw_layer
+    runs[EXPERTS_ONLY] = (sw_layer, experts_only_run(sw_layer, x, dy))
     auto = resolve_backend("auto", device)
     for backend in ("loop", "grouped_mm"):  # the same layer forced to each backend
         runs[switch_name(backend, auto)] = ours(None, backend, sw_layer)
@@ -187,6 +191,21 @@ def make_runs(E, T, D, F_, V, mpo_bonds, device, dtype, baselines=True):
         (y.view(T, D) * dy).sum().backward()
     runs["transformers MixtralSparseMoeBlock"] = (mix, run_mix)
     return runs, layers
+
+
+def experts_only_run(layer: MoELayer, x_TD: torch.Tensor, dy_TD: torch.Tensor):
+    """fwd+bwd of the layer's experts alone on the rows its router keeps for ``x_TD`` (same
+    counts, backend ``auto``): the layer minus this is what routing, dispatch and combine cost."""
+    with torch.no_grad():
+        r = layer.router(x_TD, RoutingContext())
+    counts_E = torch.bincount(r.expert_ids_TK[r.keep_TK], minlength=layer.num_experts)
+    rows = int(counts_E.sum())
+
+    def run():
+        layer.experts.backend = "auto"  # the Switch rows force each backend on this same layer
+        xi = x_TD[:rows].clone().requires_grad_()
+        (layer.experts(xi, counts_E) * dy_TD[:rows]).sum().backward()
+    return run
 
 
 def all_trees(lo: int, hi: int):
@@ -299,11 +318,13 @@ def main(argv=None) -> int:
                 E, args.hidden, args.ffn, torch.finfo(dtype).bits // 8) / 1e9, memory_bound_s=mem_s,
                 compute_floor_s=base, switch_s=sw, switch_vs_memory_bound=sw / mem_s,
                 switch_vs_roofline=sw / max(mem_s, base), switch_vs_compute_plus_memory=sw / (mem_s + base),
-                auto_backend=resolve_backend("auto", device))
+                auto_backend=resolve_backend("auto", device),
+                routing_overhead_vs_dense=(sw - res[EXPERTS_ONLY]["seconds"]) / base)
             print(f"{key}: bandwidth {ex['bandwidth_GBps']:.1f} GB/s; experts must move {ex['expert_traffic_GB']:.2f} GB "
                   f"-> memory bound {mem_s*1e3:.0f} ms; compute floor (dense) {base*1e3:.0f} ms; Switch {sw*1e3:.0f} ms = "
                   f"{ex['switch_vs_memory_bound']:.2f}x memory bound, {ex['switch_vs_roofline']:.2f}x max(both), "
-                  f"{ex['switch_vs_compute_plus_memory']:.2f}x their sum", flush=True)
+                  f"{ex['switch_vs_compute_plus_memory']:.2f}x their sum; routing + dispatch + combine "
+                  f"{ex['routing_overhead_vs_dense']:+.1%} of dense", flush=True)
             ds = res.get("deepspeed.moe MoE", {}).get("seconds")
             mix = res.get("transformers MixtralSparseMoeBlock", {}).get("seconds")
             mpo_r = res[mpo_name(args.mpo_bond[0])]
@@ -358,16 +379,20 @@ def render_md(meta, rows, extras) -> str:
            f"{r['vs_dense']:.2f} | {r['vs_switch']:.2f} | {r['cpu_vs_dense']:.2f} | {r['expert_params']:,} |" for r in rows]
     md += ["", f"`{SWITCH} [loop]` / `[grouped_mm]`: the same layer forced to each expert backend; `(auto)` marks "
            "the one `auto` picks on this device, the one `vs our Switch` divides by. `chain contraction only`: "
-           "what MPO adds to Switch (its W built and differentiated, no tokens). `CPU-time vs dense`: the "
+           "what MPO adds to Switch (its W built and differentiated, no tokens). `experts only`: the Switch "
+           "layer's experts alone on the rows its router keeps (fwd+bwd); the layer minus it is what routing, "
+           "dispatch and combine cost (`routing + dispatch + combine` below). `CPU-time vs dense`: the "
            "same ratio in process CPU time (best round), less sensitive to waiting for a core on a loaded machine.", "",
            "## Memory-traffic bound and goals", "",
            "| case | bandwidth GB/s | expert bytes GB | memory bound ms | compute floor (dense) ms | Switch ms | "
-           "vs memory bound | vs max(both) | vs sum | goals |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "vs memory bound | vs max(both) | vs sum | routing + dispatch + combine vs dense | goals |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, ex in extras.items():
         goals = "; ".join(f"{g}: {'met' if ok else 'MISSED'}" for g, ok in ex["goals"].items())
         md.append(f"| {key} | {ex['bandwidth_GBps']:.1f} | {ex['expert_traffic_GB']:.2f} | {ex['memory_bound_s']*1e3:.0f} | "
                   f"{ex['compute_floor_s']*1e3:.0f} | {ex['switch_s']*1e3:.0f} | {ex['switch_vs_memory_bound']:.2f} | "
-                  f"{ex['switch_vs_roofline']:.2f} | {ex['switch_vs_compute_plus_memory']:.2f} | {goals} |")
+                  f"{ex['switch_vs_roofline']:.2f} | {ex['switch_vs_compute_plus_memory']:.2f} | "
+                  f"{ex.get('routing_overhead_vs_dense', float('nan')):+.1%} | {goals} |")
     for key, ex in extras.items():
         if "mpo_trees_up_proj" in ex:
             md += ["", f"## MPO contraction trees ({key}, up_proj, fwd+bwd, best of rounds)", "",

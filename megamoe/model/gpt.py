@@ -157,8 +157,16 @@ class GPT(torch.nn.Module):
     def _lm_loss(logits_SBV, labels_SB, mask_SB):
         valid = labels_SB >= 0
         mask = valid.float() if mask_SB is None else mask_SB.float() * valid
-        # megatron's CE works in place on its input: hand it a float copy, keep the logits intact.
-        loss_SB = vocab_parallel_cross_entropy(logits_SBV.float().clone(), labels_SB.clamp(min=0).contiguous())
+        labels_SB = labels_SB.clamp(min=0).contiguous()
+        logits_SBV = logits_SBV.float()  # the loss in fp32 under bf16
+        if parallel.tp_size() == 1:
+            # One vocabulary shard: torch's fused cross-entropy. megatron's works in place (so it
+            # needs a copy of the logits, 262 MB a step for the bench_train models) and makes
+            # several more passes over them; the loss is the same log-sum-exp minus the label logit.
+            loss_SB = torch.nn.functional.cross_entropy(logits_SBV.flatten(0, 1), labels_SB.flatten(),
+                                                        reduction="none").view_as(labels_SB)
+        else:
+            loss_SB = vocab_parallel_cross_entropy(logits_SBV.clone(), labels_SB)  # in place: keep the logits
         return (loss_SB * mask).sum() / mask.sum().clamp(min=1.0)
 
     def _routing(self, ids_SB, labels_SB):

@@ -100,13 +100,14 @@ def inject_adapters(model: torch.nn.Module, cfg: AdapterConfig) -> Injected:
     elif cfg.method == "mta":
         layers, D = decoder_layers(model)
         for i in range(len(layers)):
-            layers[i] = MTALayer(layers[i], MTA(cfg, D))
+            layers[i] = MTALayer(layers[i], MTA(cfg, D).to(next(layers[i].parameters()).device))
     else:
         for name in target_linears(model, cfg):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             lin = getattr(parent, attr)
-            setattr(parent, attr, AdaptedLinear(lin, build_adapter(cfg, lin.in_features, lin.out_features)))
+            adapter = build_adapter(cfg, lin.in_features, lin.out_features).to(lin.weight.device)  # base may be on a GPU
+            setattr(parent, attr, AdaptedLinear(lin, adapter))
     model.train(was_training)  # new modules are created in train mode; keep the model's mode
     model._megamoe_injected = out
     return out

@@ -325,3 +325,14 @@ def test_no_import_cycle_between_adapter_modules():
                     if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("megamoe.finetune")}
         assert siblings <= {"base", "config"} - {name}, (name, siblings)
         assert "def build_adapter" not in (pkg / f"{name}.py").read_text()
+
+
+@pytest.mark.parametrize("method", ["cpoly", "tensorpoly1", "tensorpoly2", "mta"])
+def test_adapters_are_created_on_the_base_models_device(method):
+    """A base model already on a GPU (``device_map="cuda"``, ``.cuda()``) gets its adapters there:
+    megamoe's own adapters were created on the CPU, and the first forward mixed devices. The meta
+    device stands in for CUDA; PEFT's LoRA/Poly move theirs themselves."""
+    model = tiny_llama().to("meta")
+    inject_adapters(model, _cfg(method))
+    found = adapters(model)
+    assert found and {p.device.type for a in found for p in a.parameters()} == {"meta"}

@@ -64,7 +64,8 @@ def global_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, red
     counts = torch.cat([selection_counts(expert_ids_TK, E), torch.tensor([T], device=expert_ids_TK.device)])
     if reduce:
         counts = comm.all_reduce(counts, "sum", parallel.dp_group())
-    f_E = counts[:E].to(probs_TE.dtype) * (E / (K * float(counts[E])))
+    dt = probs_TE.dtype
+    f_E = counts[:E].to(dt) * (E / K) / counts[E].to(dt)  # on the device: float(counts[E]) synced the host
     return torch.sum(f_E * probs_TE.mean(0))
 
 

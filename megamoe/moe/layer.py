@@ -151,7 +151,7 @@ class MoELayer(nn.Module):
             p = r.probs_TE.detach()
             entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
         else:
-            entropy = torch.zeros(())
+            entropy = r.expert_ids_TK.new_zeros((), dtype=torch.float32)  # on the layer's device
         return MoEStats(lb_loss=r.lb_loss, z_loss=r.z_loss, aux_loss_coef=self.aux_loss_coef,
                         z_loss_coef=self.z_loss_coef,
                         tokens_per_expert=count_per_expert(r.expert_ids_TK, self.num_experts, r.keep_TK),

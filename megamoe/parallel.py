@@ -66,7 +66,7 @@ def init_distributed(backend: str | None = None) -> None:
     if torch.cuda.is_available():
         # Before any group exists: NCCL binds each communicator to the current device, and
         # without this every rank of a node would create its communicators on GPU 0.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_device_ordinal())
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # DeepSpeed asserts LOCAL_RANK
     if os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
@@ -76,6 +76,24 @@ def init_distributed(backend: str | None = None) -> None:
                                 rank=0, world_size=1)
     else:
         dist.init_process_group(backend=backend)
+
+
+def _device_ordinal() -> int:
+    """This process's CUDA device. Normally ``LOCAL_RANK``; where the scheduler binds one GPU to
+    each task (``srun --gpus-per-task=1``, ``--gpu-bind``) every task sees its GPU as cuda:0
+    while ``LOCAL_RANK`` runs 0..7, so LOCAL_RANK is set to 0 (DeepSpeed reads it as the device
+    ordinal too). Any other mismatch is a launch mistake, named in one line."""
+    local, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local < visible:
+        return local
+    if visible == 1:
+        os.environ["LOCAL_RANK"] = "0"
+        return 0
+    from megamoe.errors import UserError
+
+    raise UserError(f"LOCAL_RANK={local} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): launch one process per GPU, each seeing "
+                    "all of its node's GPUs or exactly one")
 
 
 def init_parallel(parallel: ParallelConfig, backend: str | None = None) -> Layout:

@@ -160,6 +160,7 @@ def test_set_device_precedes_process_group(monkeypatch):
     order = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: order.append(("set_device", d)))
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: order.append(("init", kw.get("backend"))))
     monkeypatch.setenv("RANK", "1")

@@ -55,6 +55,7 @@ import sys
 import torch
 import torch.distributed as dist
 torch.cuda.is_available = lambda: True  # a GPU machine, as far as megamoe's set-up can tell
+torch.cuda.device_count = lambda: 1
 torch.cuda.set_device = lambda device: None
 from megamoe import parallel
 from megamoe.model.layers import ensure_parallel
@@ -78,3 +79,39 @@ def test_a_cpu_model_gets_gloo_groups_on_a_gpu_machine(call):
                        timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "gloo gloo"
+
+
+_SLURM_GPU_PER_TASK = """
+import os
+import torch
+import torch.distributed as dist
+seen = []
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: {visible}
+torch.cuda.set_device = seen.append
+os.environ.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="3")
+from megamoe import parallel
+from megamoe.errors import UserError
+try:
+    parallel.init_distributed("gloo")
+    print("device", seen, "LOCAL_RANK", os.environ["LOCAL_RANK"])
+except UserError as e:
+    print("error:", e)
+"""
+
+
+@pytest.mark.parametrize("visible,want", [
+    (1, "device [0] LOCAL_RANK 0"),  # srun --gpus-per-task=1: the task's one GPU is cuda:0
+    (8, "device [3] LOCAL_RANK 3"),  # the task sees the whole node
+    (2, "error: LOCAL_RANK=3 but this process sees 2 GPUs"),
+])
+def test_slurm_task_picks_its_gpu(visible, want):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                                  "MASTER_", "SLURM_"))}
+    p = subprocess.run([sys.executable, "-c", _SLURM_GPU_PER_TASK.format(visible=visible)], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1].startswith(want), p.stdout

@@ -198,6 +198,8 @@ def bench_megamoe_plain(run, seq, mbs, device):
     parallel.init_parallel(run.parallel)
     parallel.seed_everything(1)
     model = build_model(run.model, run.moe, run.parallel).to(device)
+    if run.train.precision == "bf16":  # as bench_hf: the run's dtype, not fp32 against a bf16 peak
+        model = model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, run.model.vocab_size, (mbs, seq + 1)).to(device)
 
@@ -358,7 +360,7 @@ def main(argv=None) -> int:
                  # demo's hash/MPO layers have no transformers equivalent
                  if fn is not None and not (impl == "transformers" and case == "demo")}
         # CUDA: one at a time, so each peak-memory reading is its own.
-        times = time_interleaved(impls, run, seq, mbs, args, together=not cuda and case != "e64")
+        times, peaks = time_interleaved(impls, run, seq, mbs, args, together=not cuda and case != "e64")
         if len(times) == 2 and all(len(t) > 1 for t in times.values()):
             paired = [a / b for a, b in zip(times["transformers"], times["megamoe"])]
             row["speedup_rounds"] = paired
@@ -367,9 +369,8 @@ def main(argv=None) -> int:
             row[f"{impl}_step_s_rounds"] = ts
             row[f"{impl}_tokens_per_s"] = tokens / dt
             row[f"{impl}_mfu"] = fpt * tokens / dt / peak
-            if cuda:
-                row[f"{impl}_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                torch.cuda.reset_peak_memory_stats()
+            if impl in peaks:
+                row[f"{impl}_peak_mem_gb"] = peaks[impl]
             print(f"{case:6s} {impl:12s} {tokens / dt:9.1f} tok/s  MFU {fpt * tokens / dt / peak:6.1%}", flush=True)
         if not args.no_distributed and not cuda and not sized and run.moe.num_experts and run.moe.num_experts <= 8:
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // 2)), DS_ACCELERATOR="cpu",
@@ -411,8 +412,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> dict[str, list[float]]:
-    """Seconds per step of each implementation, one value per round of ``--steps`` steps.
+def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> tuple[dict[str, list[float]], dict]:
+    """Seconds per step of each implementation, one value per round of ``--steps`` steps, and on
+    CUDA each implementation's peak memory in GB (read before it is freed; sequential runs only).
 
     ``together``: every implementation is built first and the rounds alternate between them
     (``--rounds``), so a slow spell of the machine hits both alike and the ratio comes from
@@ -420,13 +422,20 @@ def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> dict[s
     E=8 ratio from 1.24x to 0.91x. Otherwise (E=64: ~18 GB per implementation) each is built,
     timed for all its rounds and freed in turn (CUDA too, so that each peak-memory reading is
     its own)."""
-    made, times = {}, {impl: [] for impl in impls}
+    import torch
+
+    made, times, peaks = {}, {impl: [] for impl in impls}, {}
+    cuda = args.device == "cuda"
     for impl, fn in impls.items():
         if not together:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             step, close = fn(run, seq, mbs, args.device)
             for _ in range(args.warmup):
                 step()
             times[impl] = [_time_steps(step, 0, args.steps, args.device) for _ in range(args.rounds)]
+            if cuda:
+                peaks[impl] = torch.cuda.max_memory_allocated() / 2**30
             close()
             continue
         made[impl] = fn(run, seq, mbs, args.device)
@@ -437,7 +446,7 @@ def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> dict[s
             times[impl].append(_time_steps(step, 0, args.steps, args.device))
     for _, close in made.values():
         close()
-    return times
+    return times, peaks
 
 
 def _expert_backend(device: str) -> str | None:

@@ -288,7 +288,9 @@ def main(argv=None):
 
     dp = args.deepspeed
     if dp:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's accelerator must match the backend below: on a GPU machine its engine puts
+        # the model on cuda:LOCAL_RANK (as megamoe.finetune.run does), elsewhere it stays on the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         import deepspeed
 
         from megamoe.utils import skip_deepspeed_shm_op

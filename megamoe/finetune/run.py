@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -104,20 +105,28 @@ def method_config(spec: str, base_cfg: AdapterConfig, num_tasks: int) -> tuple[s
     return method, cfg
 
 
-def _batch(data: TaskSplit, idx: torch.Tensor):
+def finetune_device() -> torch.device:
+    """Where fine-tuning runs: this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _batch(data: TaskSplit, idx: torch.Tensor, device: torch.device):
+    """The examples ``idx`` (host tensors, as the split is kept) on the model's ``device``."""
     S = int(data.lengths[idx].max())
-    return data.ids[idx, :S], data.lengths[idx], data.labels[idx], data.tasks[idx]
+    return tuple(t.to(device) for t in (data.ids[idx, :S], data.lengths[idx], data.labels[idx], data.tasks[idx]))
 
 
 @torch.no_grad()
 def evaluate(clf: MultiTaskClassifier, data: TaskSplit, batch_size: int = 128) -> torch.Tensor:
-    """[N] bool: is each test example right (eval mode: sigmoid routing, no noise)."""
+    """[N] bool on the CPU: is each test example right (eval mode: sigmoid routing, no noise)."""
     clf.eval()
-    right = []
+    right, device = [], next(clf.parameters()).device
     for start in range(0, len(data.labels), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data.labels)))
-        ids, lengths, labels, tasks = _batch(data, idx)
-        right.append(clf.predict(clf(ids, lengths, tasks), tasks) == labels)
+        ids, lengths, labels, tasks = _batch(data, idx, device)
+        right.append((clf.predict(clf(ids, lengths, tasks), tasks) == labels).cpu())
     clf.train()
     return torch.cat(right)
 
@@ -199,7 +208,8 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
         adapter_params = sum(p.numel() for p in inj.adapter_params())
     if schedule not in SCHEDULES:
         raise UserError(f"schedule={schedule!r}: choose from {', '.join(SCHEDULES)}")
-    clf = MultiTaskClassifier(base, hidden_size, num_classes, pool=pool)
+    device = finetune_device()
+    clf = MultiTaskClassifier(base, hidden_size, num_classes, pool=pool).to(device)  # before the optimizer
     two_stage = method == "mta"
     stage2 = (steps // 2 if mta_stage2_steps is None else mta_stage2_steps) if two_stage else 0
     if two_stage:
@@ -235,7 +245,7 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
         stepper.set_lr_factor(lr_factor(stage_step, stage_total, schedule))
         idx = torch.randint(len(train.labels), (batch_size,), generator=gen)
         idx = idx.view(world, -1)[rank]
-        ids, lengths, labels, tasks = _batch(train, idx)
+        ids, lengths, labels, tasks = _batch(train, idx, device)
         loss = clf.loss(stepper(ids, lengths, tasks), labels, tasks)
         stepper.step(loss)
         losses.append(loss.item())

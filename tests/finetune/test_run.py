@@ -56,3 +56,19 @@ def test_mta_two_stage_has_the_one_stage_adapter_steps():
                         {n: p.detach().clone() for n, p in c.named_parameters() if ".adapter." in n}))
     for n, p in final.items():  # same seed: stage 2 changed only the router
         assert torch.equal(p, grab_mid[n]) != n.endswith("router_logits"), n
+
+
+def test_finetuning_runs_on_this_ranks_gpu_when_there_is_one(monkeypatch):
+    """On a GPU machine the classifier and every batch go to cuda:LOCAL_RANK (they stayed on the
+    CPU: fine-tuning silently ran there, and with DeepSpeed the CPU batches met a CUDA model).
+    CUDA is mocked; the batch placement is checked on the meta device."""
+    from megamoe.finetune.run import _batch, finetune_device
+
+    assert finetune_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert finetune_device() == torch.device("cuda", 1)
+    data = split(8, seed=0)
+    ids, lengths, labels, tasks = _batch(data, torch.tensor([0, 3, 5]), torch.device("meta"))
+    assert {t.device.type for t in (ids, lengths, labels, tasks)} == {"meta"}
+    assert ids.shape == (3, int(data.lengths[[0, 3, 5]].max()))

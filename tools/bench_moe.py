@@ -244,10 +244,11 @@ def profile_layer(layer, run, device, top: int = 8) -> list[dict]:
         run()
         _sync(device)
     zero_grads(layer)
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in rows) or 1
-    return [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3,
-                 share=e.self_cpu_time_total / total) for e in rows[:top]]
+    # On CUDA the host's self time is only the launches: rank the kernels by their device time.
+    self_us = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    rows = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in rows) or 1
+    return [dict(op=e.key, calls=e.count, self_ms=self_us(e) / 1e3, share=self_us(e) / total) for e in rows[:top]]
 
 
 def expert_traffic_bytes(E: int, D: int, F_: int, itemsize: int) -> int:
@@ -401,7 +402,8 @@ def render_md(meta, rows, extras) -> str:
                    for t in ex["mpo_trees_up_proj"]]
         for prof in ("profile_switch", "profile_mpo"):
             if prof in ex:
-                md += ["", f"## Profile: {prof.split('_')[1]} layer, {key} (top ops by self CPU time, one fwd+bwd)", ""]
+                md += ["", f"## Profile: {prof.split('_')[1]} layer, {key} (top ops by self {meta['device'].upper()} "
+                       "time, one fwd+bwd)", ""]
                 if prof == "profile_switch" and ex.get("switch_expert_matmul_GFLOPps"):
                     md += [f"The expert matmuls run at {ex['switch_expert_matmul_GFLOPps']:.0f} GFLOP/s (all T rows counted) "
                            f"against {ex['dense_GFLOPps']:.0f} GFLOP/s for the dense FFN's (whole fwd+bwd) at "

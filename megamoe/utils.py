@@ -133,3 +133,30 @@ def keep_freed_cpu_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
                 and libc.mallopt(m_mmap_threshold, ctypes.c_int(2**30)))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)); the SE is nan below 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def ratio_mean_se(ratios: list[float]) -> tuple[float, float]:
+    """Geometric mean of paired ratios (e.g. per-round time_a / time_b of interleaved rounds)
+    and its standard error, from the mean and SE of the logs (delta method). The geometric
+    mean treats 0.8x and 1.25x as equally far from 1."""
+    import math
+
+    m, se = mean_se([math.log(r) for r in ratios])
+    return math.exp(m), math.exp(m) * se
+
+
+def goal_verdict(value: float, se: float, limit: float) -> str:
+    """'met' when ``value <= limit``, 'tie' when above it by at most 2 SE (the measurement
+    cannot tell them apart), else 'MISSED'."""
+    if value <= limit:
+        return "met"
+    return "tie" if se == se and value - 2 * se <= limit else "MISSED"

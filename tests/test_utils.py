@@ -37,3 +37,19 @@ def test_keep_freed_cpu_memory_serves_large_tensors_from_the_heap():
     assert (took, off) == ("True", "False")
     assert mmapped_default >= 64 * 2**20  # glibc's default: a fresh mmap, page-faulted on each use
     assert mmapped_kept < 64 * 2**20  # heap memory, reused after free without a new mapping
+
+
+def test_ratio_statistics_and_goal_verdicts():
+    import math
+
+    from megamoe.utils import goal_verdict, mean_se, ratio_mean_se
+
+    mean, se = mean_se([1.0, 2.0, 3.0])
+    assert (mean, se) == (2.0, pytest.approx(1 / math.sqrt(3)))
+    assert math.isnan(mean_se([5.0])[1])
+    gm, se = ratio_mean_se([0.8, 1.25])  # symmetric around 1 on the log scale
+    assert gm == pytest.approx(1.0) and se == pytest.approx(abs(math.log(1.25)))
+    assert goal_verdict(0.99, 0.05, 1.0) == "met"
+    assert goal_verdict(1.05, 0.03, 1.0) == "tie"  # 1.05 - 2 x 0.03 = 0.99 <= 1.0
+    assert goal_verdict(1.07, 0.03, 1.0) == "MISSED"
+    assert goal_verdict(1.01, float("nan"), 1.0) == "MISSED"  # one round: no SE, no tie

@@ -5,7 +5,9 @@ deepspeed.moe.layer.MoE and transformers' MixtralSparseMoeBlock, side by side in
 Every layer uses SwiGLU experts of width F (Mixtral's kind), top-1 routing (capacity 1.25
 where the implementation drops), so all have the same active FLOPs as the dense SwiGLU FFN.
 For each (E, T) case, one round visits every implementation once (interleaved, so load from
-other processes hits all alike); the best round is reported, the median is in the JSON.
+other processes hits all alike; the order reverses every other round); the best round is
+reported, the median is in the JSON. Goals are judged on the paired per-round ratios: their
+geometric mean +- standard error, "tie" when it misses the limit by at most 2 SE.
 
 Also measured, in the same rounds:
 - both expert backends on the same layer (``loop``: one matmul per expert on views of the
@@ -45,7 +47,7 @@ from megamoe.moe import mpo as mpo_mod
 from megamoe.moe.experts import resolve_backend
 from megamoe.moe.hashing import RoutingContext
 from megamoe.moe.layer import MoELayer
-from megamoe.utils import atomic_write_text, progress
+from megamoe.utils import atomic_write_text, goal_verdict, progress, ratio_mean_se
 
 SWITCH = "megamoe Switch top-1"
 EXPERTS_ONLY = f"  {SWITCH}: experts only (its counts)"
@@ -77,7 +79,8 @@ def _sync(device):
 
 
 def time_round_robin(runs: dict, reps: int, budget_s: float, device) -> dict[str, tuple[list[float], list[float]]]:
-    """One warm-up each, then ``reps`` rounds visiting every implementation once per round. A
+    """One warm-up each, then ``reps`` rounds visiting every implementation once per round
+    (forward order in even rounds, reversed in odd ones, so none always runs first). A
     case stops repeating after ``budget_s`` seconds in total; a case whose warm-up alone takes
     longer is reported from that one (cold, pessimistic) run. -> {name: (wall s, CPU s)}: the
     process CPU time is kept beside the wall time because on a shared, loaded machine the wall
@@ -92,8 +95,8 @@ def time_round_robin(runs: dict, reps: int, budget_s: float, device) -> dict[str
         if warm > budget_s:
             times[name][0].append(warm)
             times[name][1].append(cpu)
-    for _ in progress(range(reps), desc="rounds", leave=False):
-        for name, (mod, run) in runs.items():
+    for i in progress(range(reps), desc="rounds", leave=False):
+        for name, (mod, run) in list(runs.items())[::1 if i % 2 == 0 else -1]:  # ABBA: no first-mover bias
             if times[name][0] and sum(times[name][0]) > budget_s:
                 continue
             _sync(device)
@@ -104,6 +107,14 @@ def time_round_robin(runs: dict, reps: int, budget_s: float, device) -> dict[str
             times[name][1].append(time.process_time() - c0)
             zero_grads(mod)
     return times
+
+
+def paired_ratio(a_s: list[float], b_s: list[float]) -> tuple[float, float]:
+    """time a / time b as the geometric mean of the per-round ratios (both ran in the same
+    rounds) +- its standard error; a case timed once gives the ratio of those and no SE."""
+    if min(len(a_s), len(b_s)) < 2:
+        return min(a_s) / min(b_s), float("nan")
+    return ratio_mean_se([a / b for a, b in zip(a_s, b_s)])
 
 
 def switch_name(backend: str, auto: str) -> str:
@@ -304,11 +315,12 @@ def main(argv=None) -> int:
                                  median_seconds=statistics.median(times), all_seconds=times,
                                  cpu_seconds=min(cpu), all_cpu_seconds=cpu,
                                  params=n_params(mod), expert_params=n_params(mod, expert_only=True))
-            bw_s = res.pop("memory copy (bandwidth)")["seconds"]
-            bandwidth = 2 * 64 * 2**20 * 4 / bw_s
+            bw_s = res["memory copy (bandwidth)"]["seconds"]
+            bw_bytes = 2 * 64 * 2**20 * 4  # read + write
+            bandwidth = bw_bytes / bw_s
             auto = resolve_backend("auto", device)
             base, sw = res["dense FFN"]["seconds"], res[switch_name(auto, auto)]["seconds"]
-            for r in res.values():
+            for r in (r for name, r in res.items() if name != "memory copy (bandwidth)"):
                 r["vs_dense"], r["vs_switch"] = r["seconds"] / base, r["seconds"] / sw
                 r["cpu_vs_dense"] = r["cpu_seconds"] / res["dense FFN"]["cpu_seconds"]
                 rows.append(r)
@@ -329,24 +341,33 @@ def main(argv=None) -> int:
             ds = res.get("deepspeed.moe MoE", {}).get("seconds")
             mix = res.get("transformers MixtralSparseMoeBlock", {}).get("seconds")
             mpo_r = res[mpo_name(args.mpo_bond[0])]
+            sw_name = switch_name(auto, auto)
+
+            def goal(num: str, den: str, limit: float, scale: float = 1.0) -> dict:
+                value, se = paired_ratio(res[num]["all_seconds"], res[den]["all_seconds"])
+                value, se = value * scale, se * scale
+                return dict(value=value, se=se, limit=limit, verdict=goal_verdict(value, se, limit))
+
             goals = {}
             if E <= 8:
-                goals["switch <= 1.0x dense"] = sw / base <= 1.0
-                goals["MPO <= 1.25x switch"] = mpo_r["vs_switch"] <= 1.25
+                goals["switch <= 1.0x dense"] = goal(sw_name, "dense FFN", 1.0)
+                goals["MPO <= 1.25x switch"] = goal(mpo_r["impl"], sw_name, 1.25)
             if E >= 64 and T // E >= 256:
-                goals["switch <= 1.15x dense"] = sw / base <= 1.15
-            if E >= 64 and T // E < 256:
-                goals["switch within 15% of memory bound"] = sw / mem_s <= 1.15
+                goals["switch <= 1.15x dense"] = goal(sw_name, "dense FFN", 1.15)
+            if E >= 64 and T // E < 256:  # memory bound = traffic x (copy time / copied bytes), per round
+                goals["switch within 15% of memory bound"] = goal(
+                    sw_name, "memory copy (bandwidth)", 1.15, bw_bytes / ex["expert_traffic_GB"] / 1e9)
             if ds and mix:
-                goals["switch below deepspeed and transformers"] = sw < ds and sw < mix
+                goals["switch < deepspeed"] = goal(sw_name, "deepspeed.moe MoE", 1.0)
+                goals["switch < transformers"] = goal(sw_name, "transformers MixtralSparseMoeBlock", 1.0)
             ex["goals"] = goals
-            if not all(goals.values()) or args.quick:
+            if any(g["verdict"] != "met" for g in goals.values()) or args.quick:
                 ex["profile_switch"] = profile_layer(layers["switch"], runs[switch_name(auto, auto)][1], device)
                 flops = 6 * 3 * args.hidden * args.ffn * T  # fwd + bwd of the 3 projections over T rows
                 mm_s = sum(p["self_ms"] for p in ex["profile_switch"] if p["op"] in ("aten::mm", "aten::_grouped_mm")) / 1e3
                 ex["dense_GFLOPps"] = flops / base / 1e9
                 ex["switch_expert_matmul_GFLOPps"] = flops / mm_s / 1e9 if mm_s else None
-                if not goals.get("MPO <= 1.25x switch", True):
+                if goals.get("MPO <= 1.25x switch", {"verdict": "met"})["verdict"] != "met":
                     ex["profile_mpo"] = profile_layer(layers["mpo"], runs[mpo_r["impl"]][1], device)
             if E == max(args.experts) and T == min(args.tokens):
                 ex["mpo_trees_up_proj"] = time_trees(layers["mpo"].experts, max(1, min(args.reps, 3)), device)
@@ -370,7 +391,8 @@ def render_md(meta, rows, extras) -> str:
     load = ", ".join(f"{v:.1f}" for v in meta["load_average_1_5_15"])
     md = [f"`{meta['command']}`", "",
           f"D={meta['hidden']}, F={meta['ffn']}, {meta['dtype']} on {meta['device']}, {meta['threads']} threads, "
-          f"torch {meta['torch']}, fwd+bwd, best of up to the rounds asked (interleaved; median in the JSON). "
+          f"torch {meta['torch']}, fwd+bwd, best of up to the rounds asked (interleaved; median in the JSON); "
+          "goals: geometric mean of the paired rounds' ratios +- standard error, tie = past the limit by at most 2 SE. "
           f"Load average at the end {load} on {meta['cpu_count']} cores."]
     if meta["note"]:
         md += ["", meta["note"]]
@@ -389,7 +411,7 @@ def render_md(meta, rows, extras) -> str:
            "vs memory bound | vs max(both) | vs sum | routing + dispatch + combine vs dense | goals |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, ex in extras.items():
-        goals = "; ".join(f"{g}: {'met' if ok else 'MISSED'}" for g, ok in ex["goals"].items())
+        goals = "; ".join(f"{name}: {g['value']:.3f} +- {g['se']:.3f} {g['verdict']}" for name, g in ex["goals"].items())
         md.append(f"| {key} | {ex['bandwidth_GBps']:.1f} | {ex['expert_traffic_GB']:.2f} | {ex['memory_bound_s']*1e3:.0f} | "
                   f"{ex['compute_floor_s']*1e3:.0f} | {ex['switch_s']*1e3:.0f} | {ex['switch_vs_memory_bound']:.2f} | "
                   f"{ex['switch_vs_roofline']:.2f} | {ex['switch_vs_compute_plus_memory']:.2f} | "

@@ -284,10 +284,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None,
                     help="comma-separated cases: demo, dense, e8, e64 (CPU default demo,dense,e8; e64 needs ~18 GB "
                          "per implementation: run it alone); CUDA: dense, e8, e64 (default e8,e64)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 3 CPU, 10 CUDA)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 1 CPU, 10 CUDA)")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="timed rounds of --steps steps per implementation, alternating between them; the "
-                         "median round is reported (default 5 CPU, 3 CUDA)")
+                    help="timed rounds of --steps steps per implementation, alternating between them; tok/s "
+                         "from the median round, the speedup from the paired rounds (default 24 CPU, 3 CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 3 CUDA)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2-rank run: threads/2 per rank)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -318,8 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    args.steps = args.steps or (10 if cuda else 2)
-    args.rounds = args.rounds or (3 if cuda else 5)
+    args.steps = args.steps or (10 if cuda else 1)
+    args.rounds = args.rounds or (3 if cuda else 24)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     precision = args.precision or ("bf16" if cuda else "fp32")
     zero_stage = args.zero_stage if args.zero_stage is not None else (2 if cuda else 0)
@@ -328,6 +328,7 @@ def main(argv=None) -> int:
 
     import megamoe  # noqa: F401  (filters the known dependency warnings before DeepSpeed is imported)
     from megamoe.train.report import measure_peak_flops
+    from megamoe.utils import goal_verdict, ratio_mean_se
 
     if args.worker:
         distributed_worker(args)
@@ -392,8 +393,10 @@ def main(argv=None) -> int:
             else:
                 row["ds_ep2_error"] = (p.stdout + p.stderr)[-2000:]
                 print(f"{case:6s} ds-ep2-2rank FAILED (see JSON)", flush=True)
-        if "speedup_rounds" in row:  # the median of the paired rounds' ratios
-            row["speedup_vs_transformers"] = statistics.median(row["speedup_rounds"])
+        if "speedup_rounds" in row:  # the paired rounds' ratios: geometric mean +- SE
+            time_ratio, se = ratio_mean_se([1 / r for r in row["speedup_rounds"]])  # megamoe / transformers
+            row["speedup_vs_transformers"], row["speedup_se"] = 1 / time_ratio, se / time_ratio**2
+            row["at_least_as_fast"] = goal_verdict(time_ratio, se, 1.0)
         elif "megamoe_tokens_per_s" in row and "transformers_tokens_per_s" in row:
             row["speedup_vs_transformers"] = row["megamoe_tokens_per_s"] / row["transformers_tokens_per_s"]
         rows.append(row)
@@ -417,8 +420,8 @@ def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> tuple[
     CUDA each implementation's peak memory in GB (read before it is freed; sequential runs only).
 
     ``together``: every implementation is built first and the rounds alternate between them
-    (``--rounds``), so a slow spell of the machine hits both alike and the ratio comes from
-    paired rounds. On this 2-core VM two back-to-back runs of the sequential version moved the
+    (``--rounds``, in ABBA order: whichever runs first in a round does not always run first),
+    so a slow spell of the machine hits both alike and the ratio comes from paired rounds. On this 2-core VM two back-to-back runs of the sequential version moved the
     E=8 ratio from 1.24x to 0.91x. Otherwise (E=64: ~18 GB per implementation) each is built,
     timed for all its rounds and freed in turn (CUDA too, so that each peak-memory reading is
     its own)."""
@@ -441,8 +444,8 @@ def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> tuple[
         made[impl] = fn(run, seq, mbs, args.device)
         for _ in range(args.warmup):
             made[impl][0]()
-    for _ in range(args.rounds if together else 0):
-        for impl, (step, _) in made.items():
+    for i in range(args.rounds if together else 0):
+        for impl, (step, _) in list(made.items())[::1 if i % 2 == 0 else -1]:  # ABBA: no first-mover bias
             times[impl].append(_time_steps(step, 0, args.steps, args.device))
     for _, close in made.values():
         close()
@@ -465,16 +468,19 @@ def to_markdown(result: dict) -> str:
              f"{result.get('precision', 'fp32')} matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
              f"({result.get('device_name', result['device'])}, {result['threads']} threads) = the MFU denominator; "
              f"{result.get('rounds', 1)} alternating rounds of {result['steps']} timed steps after {result['warmup']} warm-up "
-             f"(median round; speedup = median of the paired rounds' ratios), {result['date']}.", "",
-             "| model | total params | megamoe tok/s | MFU | transformers tok/s | MFU | speedup | DS EP=2 2-rank tok/s | overhead |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"(tok/s: median round; speedup: geometric mean of the paired rounds' ratios +- standard error; "
+             f"'at least as fast': met, tie = short of 1.00x by at most 2 SE, or MISSED), {result['date']}.", "",
+             "| model | total params | megamoe tok/s | MFU | transformers tok/s | MFU | speedup | at least as fast "
+             "| DS EP=2 2-rank tok/s | overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         def g(k, fmt):
             return fmt.format(r[k]) if k in r else "-"
         shape = f"E={r['experts']}" + (f", D={r['hidden']} L={r['layers']} F={r['ffn']}" if "hidden" in r else "")
         lines.append(f"| {r['case']} ({shape}) | {r['total'] / 1e6:.1f} M | {g('megamoe_tokens_per_s', '{:.0f}')} | "
                      f"{g('megamoe_mfu', '{:.0%}')} | {g('transformers_tokens_per_s', '{:.0f}')} | "
-                     f"{g('transformers_mfu', '{:.0%}')} | {g('speedup_vs_transformers', '{:.2f}x')} | "
+                     f"{g('transformers_mfu', '{:.0%}')} | {g('speedup_vs_transformers', '{:.3f}x')}"
+                     f"{' +- {:.3f}'.format(r['speedup_se']) if 'speedup_se' in r else ''} | {g('at_least_as_fast', '{}')} | "
                      f"{g('ds_ep2_2rank_tokens_per_s', '{:.0f}')} | {g('ds_ep2_overhead_vs_1proc', '{:+.0%}')} |")
     return "\n".join(lines) + "\n"
 

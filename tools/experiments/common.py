@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from megamoe.utils import atomic_path, atomic_write_text, print0, progress  # noqa: E402
+from megamoe.utils import atomic_path, atomic_write_text, mean_se, print0, progress  # noqa: E402
 
 
 @dataclass
@@ -54,15 +54,6 @@ class Study:
     seeds: int = 3
     describe: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def verdict(a_mean: float, a_se: float, b_mean: float, b_se: float) -> str:
@@ -159,7 +150,7 @@ def summarise(study: Study, records: list[dict]) -> list[dict]:
         rs = by_arm.get(arm.name)
         if not rs:
             continue
-        loss, loss_se = _stats([r["valid_lm_loss"] for r in rs])
+        loss, loss_se = mean_se([r["valid_lm_loss"] for r in rs])
         moe_means = {}
         for k in sorted({k for r in rs for k in r["moe"]}):
             name = k.split("/")[-1]
@@ -189,7 +180,7 @@ def summarise(study: Study, records: list[dict]) -> list[dict]:
         # spread that dominates each arm's own SE. Unpaired when fewer than 2 seeds are shared.
         seeds = sorted(s for (a, s) in loss_of if a == r["arm"] and (ref["arm"], s) in loss_of)
         if len(seeds) >= 2:
-            d, d_se = _stats([loss_of[(r["arm"], s)] - loss_of[(ref["arm"], s)] for s in seeds])
+            d, d_se = mean_se([loss_of[(r["arm"], s)] - loss_of[(ref["arm"], s)] for s in seeds])
             r["delta_loss_vs_reference"], r["delta_loss_vs_reference_se"], r["paired_seeds"] = d, d_se, len(seeds)
             r["vs_reference"] = verdict(d, d_se, 0.0, 0.0)
         else:

@@ -117,7 +117,8 @@ def keep_freed_cpu_memory() -> bool:
     page. A 32 MiB copy then takes 14 ms instead of 5 (measured on these CPUs), and a step
     allocates such buffers dozens of times: the MPO experts' contracted weights, every large
     activation and gradient. Setting ``M_MMAP_THRESHOLD`` to 1 GiB and ``M_TRIM_THRESHOLD`` to
-    2 GiB - 1 serves them from the heap, which stays at the step's peak. This is what the
+    2 GiB - 1 serves them from the heap, which stays at the step's peak
+    (:func:`return_freed_cpu_memory` gives it back). This is what the
     jemalloc/tcmalloc ``LD_PRELOAD`` of Intel's PyTorch CPU launcher does; ``mallopt`` needs no
     preload and no re-exec. It applies to allocations made after the call, so call it at
     start-up (:func:`megamoe.parallel.init_distributed` does, on CPU-only machines). Set ``MEGAMOE_CPU_MALLOC_CACHE=0`` to keep glibc's defaults.
@@ -133,6 +134,20 @@ def keep_freed_cpu_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
                 and libc.mallopt(m_mmap_threshold, ctypes.c_int(2**30)))
+
+
+def return_freed_cpu_memory() -> None:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim``), for when a process
+    that keeps freed memory (:func:`keep_freed_cpu_memory`) is done with a large model and
+    something else needs the RAM: tools/bench_train.py frees a 180 M-parameter pair of models
+    and then starts 2 ranks, which the kernel's OOM killer stopped while the parent still held
+    its peak heap. A no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        pass
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

@@ -1,5 +1,7 @@
 """megamoe.utils: keep_freed_cpu_memory, checked through glibc's own accounting (mallinfo2),
-not timing: a large tensor must come from the reusable heap, not a fresh mmap."""
+not timing: a large tensor must come from the reusable heap, not a fresh mmap; and
+return_freed_cpu_memory, checked through the process's resident size; the benchmarks' ratio
+statistics."""
 
 import os
 import subprocess
@@ -37,6 +39,32 @@ def test_keep_freed_cpu_memory_serves_large_tensors_from_the_heap():
     assert (took, off) == ("True", "False")
     assert mmapped_default >= 64 * 2**20  # glibc's default: a fresh mmap, page-faulted on each use
     assert mmapped_kept < 64 * 2**20  # heap memory, reused after free without a new mapping
+
+
+TRIM_PROBE = r"""
+import os, torch
+from megamoe.utils import keep_freed_cpu_memory, return_freed_cpu_memory
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+assert keep_freed_cpu_memory()
+base = rss()
+t = torch.ones(64 * 2**20)  # 256 MiB, touched
+del t
+kept = rss() - base
+return_freed_cpu_memory()
+print(kept, rss() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim only")
+def test_return_freed_cpu_memory_gives_the_kept_heap_back():
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MEGAMOE_CPU_MALLOC_CACHE": "1"})
+    kept, after = map(int, out.stdout.split())
+    assert kept >= 200 * 2**20  # the freed tensor stays resident in the heap
+    assert after <= 56 * 2**20  # ...until it is given back
 
 
 def test_ratio_statistics_and_goal_verdicts():

@@ -177,14 +177,19 @@ def bench_megamoe(run, seq, mbs, device):
 
 
 def _free(device: str) -> None:
-    """Release one implementation's memory before the next one is measured."""
+    """Release one implementation's memory before the next one is measured (and, on CPU, back
+    to the OS: the 2-rank run that follows needs it)."""
     import gc
+
+    from megamoe.utils import return_freed_cpu_memory
 
     gc.collect()
     if device == "cuda":
         import torch
 
         torch.cuda.empty_cache()
+    else:
+        return_freed_cpu_memory()
 
 
 def bench_megamoe_plain(run, seq, mbs, device):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megamoe import parallel
 from megamoe.model.config import ModelConfig
-from megamoe.model.layers import apply_rope, column_linear, row_linear
+from megamoe.model.layers import ContiguousGrad, apply_rope, column_linear, row_linear
 
 
 class Attention(torch.nn.Module):
@@ -31,14 +31,15 @@ class Attention(torch.nn.Module):
         self.o_proj = row_linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg, mp)
 
     def forward(self, x_SBD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        q = self.q_proj(x_SBD)[0]
+        q, k, v = (ContiguousGrad.apply(proj(x_SBD)[0]) for proj in (self.q_proj, self.k_proj, self.v_proj))
         S, B = q.shape[:2]
         q_SBhd = q.view(S, B, self.heads, self.head_dim)
-        k_SBhd = self.k_proj(x_SBD)[0].view(S, B, self.kv_heads, self.head_dim)
-        v_SBhd = self.v_proj(x_SBD)[0].view(S, B, self.kv_heads, self.head_dim)
+        k_SBhd = k.view(S, B, self.kv_heads, self.head_dim)
+        v_SBhd = v.view(S, B, self.kv_heads, self.head_dim)
         if rope is not None:
             q_SBhd, k_SBhd = apply_rope(q_SBhd, *rope), apply_rope(k_SBhd, *rope)
-        # SDPA wants [B, heads, S, hd].
+        # SDPA wants [B, heads, S, hd]; its q/k/v gradients come back strided in this layout
+        # (ContiguousGrad above makes each contiguous once for megatron's linear backward).
         q_BhSd, k_BhSd, v_BhSd = (t.permute(1, 2, 0, 3) for t in (q_SBhd, k_SBhd, v_SBhd))
         o_BhSd = F.scaled_dot_product_attention(q_BhSd, k_BhSd, v_BhSd, is_causal=True,
                                                 enable_gqa=self.kv_heads != self.heads)

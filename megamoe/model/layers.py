@@ -94,6 +94,24 @@ class _SplitSequence(torch.autograd.Function):
         return _all_gather_dim0(grad, ctx.group), None
 
 
+class ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous, once, where a strided
+    gradient would otherwise be copied twice or rejected:
+    - attention's q/k/v projections: SDPA's gradients come back in [B, S, heads, hd] memory, a
+      strided view in megamoe's [S, B] layout, and megatron-core's linear backward copied each
+      twice (the 3-D ``matmul`` for the input gradient, then ``.contiguous()`` for the weight's);
+    - torch's ``_grouped_mm`` backward raises "Invalid strides" on an expanded gradient (``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.new_empty(g.shape) if g.numel() == 0 else g.contiguous()  # 0 rows: strides (0, 0)
+
+
 def sequence_parallel_fns(sequence_parallel: bool):
     """``(enter, leave)`` around a tensor-parallel sub-layer whose input is the residual stream.
 

@@ -54,6 +54,7 @@ from torch import nn
 
 from megamoe import comm
 from megamoe.errors import UserError
+from megamoe.model.layers import ContiguousGrad
 
 PROJS_SWIGLU = ("gate_proj", "up_proj", "down_proj")
 PROJS_GELU = ("up_proj", "down_proj")
@@ -130,26 +131,13 @@ class LoopGroupedMM(torch.autograd.Function):
         return dx_RK, dw_SKN, None
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: torch's
-    ``_grouped_mm`` backward raises "Invalid strides" on an expanded gradient (``y.sum()``)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.new_empty(g.shape) if g.numel() == 0 else g.contiguous()  # 0 rows: strides (0, 0)
-
-
 def grouped_mm(x_RK: torch.Tensor, w_SKN: torch.Tensor, counts_S: torch.Tensor | list[int],
                backend: str) -> torch.Tensor:
     """One matmul per slot over rows grouped by slot. ``counts_S``: a tensor for
     ``grouped_mm`` (offsets stay on device), a list of ints for ``loop``."""
     if backend == "grouped_mm":
         offs = counts_S.to(device=x_RK.device).cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x_RK.to(w_SKN.dtype), w_SKN, offs=offs))
+        return ContiguousGrad.apply(torch._grouped_mm(x_RK.to(w_SKN.dtype), w_SKN, offs=offs))
     return LoopGroupedMM.apply(x_RK.to(w_SKN.dtype), w_SKN, counts_S)
 
 

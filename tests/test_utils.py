@@ -70,13 +70,16 @@ def test_return_freed_cpu_memory_gives_the_kept_heap_back():
 def test_ratio_statistics_and_goal_verdicts():
     import math
 
-    from megamoe.utils import goal_verdict, mean_se, ratio_mean_se
+    from megamoe.utils import goal_verdict, mean_se, ratio_median_se
 
     mean, se = mean_se([1.0, 2.0, 3.0])
     assert (mean, se) == (2.0, pytest.approx(1 / math.sqrt(3)))
     assert math.isnan(mean_se([5.0])[1])
-    gm, se = ratio_mean_se([0.8, 1.25])  # symmetric around 1 on the log scale
-    assert gm == pytest.approx(1.0) and se == pytest.approx(abs(math.log(1.25)))
+    rounds = [0.98, 1.0, 1.02, 0.99, 1.01, 1.0, 0.97, 1.03, 1.0, 0.99, 1.01, 0.46]  # one slow spell
+    med, se = ratio_median_se(rounds)
+    assert med == 1.0 and 0 < se < 0.01  # the outlier moves neither (the mean is 0.955)
+    assert ratio_median_se(rounds) == (med, se)  # seeded: reproducible
+    assert math.isnan(ratio_median_se([1.1])[1])
     assert goal_verdict(0.99, 0.05, 1.0) == "met"
     assert goal_verdict(1.05, 0.03, 1.0) == "tie"  # 1.05 - 2 x 0.03 = 0.99 <= 1.0
     assert goal_verdict(1.07, 0.03, 1.0) == "MISSED"

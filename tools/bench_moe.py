@@ -7,7 +7,7 @@ where the implementation drops), so all have the same active FLOPs as the dense 
 For each (E, T) case, one round visits every implementation once (interleaved, so load from
 other processes hits all alike; the order reverses every other round); the best round is
 reported, the median is in the JSON. Goals are judged on the paired per-round ratios: their
-geometric mean +- standard error, "tie" when it misses the limit by at most 2 SE.
+median +- bootstrap standard error, "tie" when it misses the limit by at most 2 SE.
 
 Also measured, in the same rounds:
 - both expert backends on the same layer (``loop``: one matmul per expert on views of the
@@ -47,7 +47,7 @@ from megamoe.moe import mpo as mpo_mod
 from megamoe.moe.experts import resolve_backend
 from megamoe.moe.hashing import RoutingContext
 from megamoe.moe.layer import MoELayer
-from megamoe.utils import atomic_write_text, goal_verdict, progress, ratio_mean_se
+from megamoe.utils import atomic_write_text, goal_verdict, progress, ratio_median_se
 
 SWITCH = "megamoe Switch top-1"
 EXPERTS_ONLY = f"  {SWITCH}: experts only (its counts)"
@@ -110,11 +110,11 @@ def time_round_robin(runs: dict, reps: int, budget_s: float, device) -> dict[str
 
 
 def paired_ratio(a_s: list[float], b_s: list[float]) -> tuple[float, float]:
-    """time a / time b as the geometric mean of the per-round ratios (both ran in the same
-    rounds) +- its standard error; a case timed once gives the ratio of those and no SE."""
+    """time a / time b as the median of the per-round ratios (both ran in the same rounds) +-
+    its bootstrap standard error; a case timed once gives the ratio of those and no SE."""
     if min(len(a_s), len(b_s)) < 2:
         return min(a_s) / min(b_s), float("nan")
-    return ratio_mean_se([a / b for a, b in zip(a_s, b_s)])
+    return ratio_median_se([a / b for a, b in zip(a_s, b_s)])
 
 
 def switch_name(backend: str, auto: str) -> str:
@@ -392,7 +392,7 @@ def render_md(meta, rows, extras) -> str:
     md = [f"`{meta['command']}`", "",
           f"D={meta['hidden']}, F={meta['ffn']}, {meta['dtype']} on {meta['device']}, {meta['threads']} threads, "
           f"torch {meta['torch']}, fwd+bwd, best of up to the rounds asked (interleaved; median in the JSON); "
-          "goals: geometric mean of the paired rounds' ratios +- standard error, tie = past the limit by at most 2 SE. "
+          "goals: median of the paired rounds' ratios +- bootstrap standard error, tie = past the limit by at most 2 SE. "
           f"Load average at the end {load} on {meta['cpu_count']} cores."]
     if meta["note"]:
         md += ["", meta["note"]]

@@ -335,7 +335,7 @@ def main(argv=None) -> int:
 
     import megamoe  # noqa: F401  (filters the known dependency warnings before DeepSpeed is imported)
     from megamoe.train.report import measure_peak_flops
-    from megamoe.utils import goal_verdict, ratio_mean_se
+    from megamoe.utils import goal_verdict, ratio_median_se
 
     if args.worker:
         distributed_worker(args)
@@ -398,8 +398,8 @@ def main(argv=None) -> int:
             else:
                 row["ds_ep2_error"] = (p.stdout + p.stderr)[-2000:]
                 print(f"{case:6s} ds-ep2-2rank FAILED (see JSON)", flush=True)
-        if "speedup_rounds" in row:  # the paired rounds' ratios: geometric mean +- SE
-            time_ratio, se = ratio_mean_se([1 / r for r in row["speedup_rounds"]])  # megamoe / transformers
+        if "speedup_rounds" in row:  # the paired rounds' ratios: median +- bootstrap SE
+            time_ratio, se = ratio_median_se([1 / r for r in row["speedup_rounds"]])  # megamoe / transformers
             row["speedup_vs_transformers"], row["speedup_se"] = 1 / time_ratio, se / time_ratio**2
             row["at_least_as_fast"] = goal_verdict(time_ratio, se, 1.0)
         elif "megamoe_tokens_per_s" in row and "transformers_tokens_per_s" in row:
@@ -482,7 +482,7 @@ def to_markdown(result: dict) -> str:
              f"{result.get('precision', 'fp32')} matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (higher of start and end) "
              f"({result.get('device_name', result['device'])}, {result['threads']} threads) = the MFU denominator; "
              f"{result.get('rounds', 1)} alternating rounds of {result['steps']} timed steps after {result['warmup']} warm-up "
-             f"(tok/s: median round; speedup: geometric mean of the paired rounds' ratios +- standard error; "
+             f"(tok/s: median round; speedup: median of the paired rounds' ratios +- bootstrap standard error; "
              f"'at least as fast': met, tie = short of 1.00x by at most 2 SE, or MISSED), {result['date']}.", "",
              "| model | total params | megamoe tok/s | MFU | transformers tok/s | MFU | speedup | at least as fast "
              "| DS EP=2 2-rank tok/s | overhead |",

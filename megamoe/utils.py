@@ -116,9 +116,12 @@ def keep_freed_cpu_memory() -> bool:
     MiB, dynamic up to 32 MiB) is a fresh ``mmap`` and its first write page-faults every 4 KiB
     page. A 32 MiB copy then takes 14 ms instead of 5 (measured on these CPUs), and a step
     allocates such buffers dozens of times: the MPO experts' contracted weights, every large
-    activation and gradient. Setting ``M_MMAP_THRESHOLD`` to 1 GiB and ``M_TRIM_THRESHOLD`` to
-    2 GiB - 1 serves them from the heap, which stays at the step's peak
-    (:func:`return_freed_cpu_memory` gives it back). This is what the
+    activation and gradient. Setting ``M_MMAP_THRESHOLD`` to 1 GiB serves them from the heap,
+    and ``M_TRIM_THRESHOLD`` = -1 (mallopt(3): "disables trimming completely") keeps the heap at
+    the step's peak (:func:`return_freed_cpu_memory` gives it back). Trap: a finite trim
+    threshold (it was 2 GiB - 1, the largest ``int``) is crossed whenever a step frees more than
+    that at once -- the E=64 bench model frees 4.4 GB of gradients per step -- and the next step
+    page-faulted all of it again: 540 k faults, 3-5 s of system time per 7 s step. This is what the
     jemalloc/tcmalloc ``LD_PRELOAD`` of Intel's PyTorch CPU launcher does; ``mallopt`` needs no
     preload and no re-exec. It applies to allocations made after the call, so call it at
     start-up (:func:`megamoe.parallel.init_distributed` does, on CPU-only machines). Set ``MEGAMOE_CPU_MALLOC_CACHE=0`` to keep glibc's defaults.
@@ -132,7 +135,7 @@ def keep_freed_cpu_memory() -> bool:
     except OSError:  # not glibc (macOS, musl): nothing to do
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+    return bool(libc.mallopt(m_trim_threshold, ctypes.c_int(-1))
                 and libc.mallopt(m_mmap_threshold, ctypes.c_int(2**30)))
 
 

@@ -21,24 +21,34 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 took = keep_freed_cpu_memory()
 t = torch.ones(16 * 2**20)  # 64 MiB, over glibc's default mmap threshold
-print(took, libc.mallinfo2().hblkhd)  # bytes held in mmapped chunks
+mmapped = libc.mallinfo2().hblkhd  # bytes held in mmapped chunks
+# 2.7 GiB at the top of the heap freed at once (untouched, so nothing is paged in), as the E=64
+# model's gradients are: a finite trim threshold (the old 2 GiB - 1) gives it back to the OS and
+# the next step faults it in. Raw malloc/free: torch would leave small chunks above the blocks.
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+blocks = [libc.malloc(900 * 2**20) for _ in range(3)]
+for b in blocks:
+    libc.free(b)
+print(took, mmapped, libc.mallinfo2().arena)  # arena: bytes the heap still holds
 """
 
 
-def _probe(env_value: str) -> tuple[str, int]:
+def _probe(env_value: str) -> tuple[str, int, int]:
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
                          env={**os.environ, "MEGAMOE_CPU_MALLOC_CACHE": env_value})
-    took, mmapped = out.stdout.split()
-    return took, int(mmapped)
+    took, mmapped, heap = out.stdout.split()
+    return took, int(mmapped), int(heap)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt only")
-def test_keep_freed_cpu_memory_serves_large_tensors_from_the_heap():
-    took, mmapped_kept = _probe("1")
-    off, mmapped_default = _probe("0")
+def test_keep_freed_cpu_memory_serves_large_tensors_from_the_heap_and_never_trims_it():
+    took, mmapped_kept, heap_kept = _probe("1")
+    off, mmapped_default, heap_default = _probe("0")
     assert (took, off) == ("True", "False")
     assert mmapped_default >= 64 * 2**20  # glibc's default: a fresh mmap, page-faulted on each use
     assert mmapped_kept < 64 * 2**20  # heap memory, reused after free without a new mapping
+    assert heap_kept >= 2700 * 2**20  # never trimmed, however much one step frees
+    assert heap_default < 2**30  # glibc's default trims it
 
 
 TRIM_PROBE = r"""

@@ -335,7 +335,7 @@ def main(argv=None) -> int:
 
     import megamoe  # noqa: F401  (filters the known dependency warnings before DeepSpeed is imported)
     from megamoe.train.report import measure_peak_flops
-    from megamoe.utils import goal_verdict, ratio_median_se
+    from megamoe.utils import goal_verdict, keep_freed_cpu_memory, ratio_median_se
 
     if args.worker:
         distributed_worker(args)
@@ -343,6 +343,8 @@ def main(argv=None) -> int:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     torch.set_num_threads(args.threads)
+    if not cuda:  # the allocator megamoe's start-up sets, for BOTH sides (a --no-megamoe run sets none)
+        keep_freed_cpu_memory()
     # CPU keeps its published denominator (2048^3 x 4, best of 3); CUDA uses the trainer's sizes.
     peak = measure_peak_flops(precision, n=None if cuda else 2048, reps=None if cuda else 4, device=args.device)
     print(f"matmul peak ({precision}, {args.device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)

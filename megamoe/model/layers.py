@@ -97,9 +97,9 @@ class _SplitSequence(torch.autograd.Function):
 class ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous, once, where a strided
     gradient would otherwise be copied twice or rejected:
-    - attention's q/k/v projections: SDPA's gradients come back in [B, S, heads, hd] memory, a
-      strided view in megamoe's [S, B] layout, and megatron-core's linear backward copied each
-      twice (the 3-D ``matmul`` for the input gradient, then ``.contiguous()`` for the weight's);
+    - attention's output: it runs in [B, S] inside and hands back a transposed [S, B] view,
+      whose gradient megatron-core's linear backward would copy twice (the 3-D ``matmul`` for
+      the input gradient, then ``.contiguous()`` for the weight's);
     - torch's ``_grouped_mm`` backward raises "Invalid strides" on an expanded gradient (``y.sum()``).
     """
 
@@ -200,12 +200,12 @@ class RotaryEmbedding(torch.nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def forward(self, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [S, 1, 1, head_dim] (broadcast over batch and heads of [S,B,h,hd])."""
+        """cos, sin of shape [S, 1, head_dim] (broadcast over batch and heads of [B, S, h, hd])."""
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         inv_freq = 1.0 / self.theta ** exponent
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
         return emb.cos(), emb.sin()
 
 

@@ -32,3 +32,23 @@ def test_quick_run_separates_routing_overhead_from_expert_matmuls(tmp_path):
         assert g["value"] == pytest.approx(paired_ratio(sw, rows["dense FFN"]["all_seconds"])[0], rel=1e-9)
         assert g["verdict"] in ("met", "tie", "MISSED") and g["limit"] == 1.0
     assert "experts only (its counts)" in (tmp_path / "b.md").read_text()
+
+
+def test_transformers_baseline_is_initialised_and_routes_like_a_moe():
+    """The bare MixtralSparseMoeBlock's parameters were torch.empty memory: a NaN router sent
+    every token to one expert, so the baseline timed a dense FFN (or garbage)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_moe import make_runs
+
+    from megamoe.model.layers import ensure_parallel
+
+    ensure_parallel()  # a world of one, as the model tests use: deepspeed.moe's baseline needs a group
+    torch.manual_seed(0)
+    runs, _ = make_runs(8, 256, 64, 128, 1000, [], torch.device("cpu"), torch.float32)
+    mix = runs["transformers MixtralSparseMoeBlock"][0]
+    assert all(torch.isfinite(p).all() and p.abs().sum() > 0 for p in mix.parameters())
+    assert mix.experts.config._experts_implementation == "grouped_mm"  # what its models pick
+    chosen = torch.nn.functional.linear(torch.randn(256, 64), mix.gate.weight).argmax(-1)
+    assert len(chosen.unique()) == 8  # tokens spread over every expert, not one

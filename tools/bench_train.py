@@ -289,12 +289,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=None,
                     help="comma-separated cases: demo, dense, e8, e64 (CPU default demo,dense,e8; e64 needs ~18 GB "
-                         "per implementation: run it alone); CUDA: dense, e8, e64 (default e8,e64)")
+                         "per implementation, so its two are built in turn, --block-rounds); CUDA: dense, e8, e64 (default e8,e64)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 1 CPU, 10 CUDA)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds of --steps steps per implementation, alternating between them; tok/s "
                          "from the median round, the speedup from the paired rounds (default 24 CPU, 3 CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
+    ap.add_argument("--block-rounds", type=int, default=4,
+                    help="where the implementations cannot be held together (E=64 on CPU, CUDA): rounds per "
+                         "build, blocks alternating between implementations (default 4)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2-rank run: threads/2 per rank)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16"],
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
     ap.add_argument("--megamoe-loop", default="deepspeed", choices=["deepspeed", "plain"],
                     help="megamoe through its DeepSpeed engine (default) or the baselines' plain AdamW loop")
     ap.add_argument("--no-megamoe", action="store_true",
-                    help="skip megamoe (e.g. measure E=64 one implementation per process: each needs ~18 GB)")
+                    help="skip megamoe (time transformers alone)")
     ap.add_argument("--no-distributed", action="store_true", help="skip the 2-rank DeepSpeed EP=2 runs (CPU)")
     ap.add_argument("--output", default=None,
                     help="prefix for .json and .md (default results/bench_train, results/bench_train_cuda on CUDA)")
@@ -433,34 +436,44 @@ def main(argv=None) -> int:
 
 def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> tuple[dict[str, list[float]], dict]:
     """Seconds per step of each implementation, one value per round of ``--steps`` steps, and on
-    CUDA each implementation's peak memory in GB (read before it is freed; sequential runs only).
+    CUDA each implementation's peak memory in GB (read before it is freed).
 
     ``together``: every implementation is built first and the rounds alternate between them
     (``--rounds``, in ABBA order: whichever runs first in a round does not always run first),
-    so a slow spell of the machine hits both alike and the ratio comes from paired rounds. On this 2-core VM two back-to-back runs of the sequential version moved the
-    E=8 ratio from 1.24x to 0.91x. Otherwise (E=64: ~18 GB per implementation) each is built,
-    timed for all its rounds and freed in turn (CUDA too, so that each peak-memory reading is
-    its own)."""
+    so a slow spell of the machine hits both alike and the ratio comes from paired rounds. On this
+    2-core VM two back-to-back runs of the sequential version moved the E=8 ratio from 1.24x to 0.91x.
+
+    Otherwise (E=64 on CPU: ~18 GB per implementation, one fits a 24 GB machine at a time; CUDA,
+    so that each peak-memory reading is its own) the rounds come in blocks of ``--block-rounds``:
+    one implementation is built, warmed up, timed for a block and freed, then the other, in ABBA
+    order of blocks. Round i of a block pairs with round i of the other implementation's block
+    next to it, a minute or two apart instead of the whole run (the E=64 comparison used to be
+    two separate processes, unpaired). Each block pays a build and ``--warmup`` steps."""
     import torch
 
-    made, times, peaks = {}, {impl: [] for impl in impls}, {}
+    times, peaks = {impl: [] for impl in impls}, {}
     cuda = args.device == "cuda"
+    if not together:
+        per_block = args.block_rounds if len(impls) > 1 else args.rounds
+        for b in range(-(-args.rounds // per_block)):
+            n = min(per_block, args.rounds - b * per_block)
+            for impl, fn in list(impls.items())[::1 if b % 2 == 0 else -1]:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                step, close = fn(run, seq, mbs, args.device)
+                for _ in range(args.warmup):
+                    step()
+                times[impl] += [_time_steps(step, 0, args.steps, args.device) for _ in range(n)]
+                if cuda:
+                    peaks[impl] = max(peaks.get(impl, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                close()
+        return times, peaks
+    made = {}
     for impl, fn in impls.items():
-        if not together:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            step, close = fn(run, seq, mbs, args.device)
-            for _ in range(args.warmup):
-                step()
-            times[impl] = [_time_steps(step, 0, args.steps, args.device) for _ in range(args.rounds)]
-            if cuda:
-                peaks[impl] = torch.cuda.max_memory_allocated() / 2**30
-            close()
-            continue
         made[impl] = fn(run, seq, mbs, args.device)
         for _ in range(args.warmup):
             made[impl][0]()
-    for i in range(args.rounds if together else 0):
+    for i in range(args.rounds):
         for impl, (step, _) in list(made.items())[::1 if i % 2 == 0 else -1]:  # ABBA: no first-mover bias
             times[impl].append(_time_steps(step, 0, args.steps, args.device))
     for _, close in made.values():

@@ -5,13 +5,16 @@
     python tools/bench_train.py --device cuda         # one GPU: bf16 + ZeRO-2, ~1 B-total MoE at E=8 and at E=64
     python tools/bench_train.py --device cuda --only e64 --hidden 2048 --layers 16 --target-params 3e9
 
-Side by side in ONE process with the same thread count: for each architecture, megamoe's model
+Side by side in one run with the same thread count: for each architecture, megamoe's model
 trained through megamoe's DeepSpeed engine set-up (megamoe/train/engine.py) and the same
 architecture built from transformers' ``MixtralForCausalLM`` (MoE) or ``LlamaForCausalLM``
 (dense) trained by a plain ``torch.optim.AdamW`` loop that clips gradients at ``train.grad_clip``
 as megamoe's engine does (since 2026-12-04; earlier results' baselines did not clip, about 1-2%
 of a CPU step). Random token batches (throughput does not
-depend on the data); the first ``--warmup`` steps are not timed.
+depend on the data); the first ``--warmup`` steps are not timed. Both models live in this process
+and alternate round by round (:func:`time_together`), except where they cannot be held together:
+E=64 on CPU (~18 GB each) alternates blocks of ``--block-rounds`` rounds, each block in a fresh
+process, and CUDA alternates blocks in this process (:func:`time_blocks`).
 
 CPU (default, unchanged): fp32, ZeRO-0 in one process -- ZeRO-1/2 would add a second fp32 copy
 of every weight for nothing on one rank, and the E=64 model's 1.1 B parameters then no longer
@@ -325,6 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=None,
                     help="prefix for .json and .md (default results/bench_train, results/bench_train_cuda on CUDA)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--block-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     args.steps = args.steps or (10 if cuda else 1)
@@ -349,8 +353,10 @@ def main(argv=None) -> int:
     if not cuda:  # the allocator megamoe's start-up sets, for BOTH sides (a --no-megamoe run sets none)
         keep_freed_cpu_memory()
     # CPU keeps its published denominator (2048^3 x 4, best of 3); CUDA uses the trainer's sizes.
-    peak = measure_peak_flops(precision, n=None if cuda else 2048, reps=None if cuda else 4, device=args.device)
-    print(f"matmul peak ({precision}, {args.device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = 0.0
+    if not args.block_worker:  # a block worker only times steps; its parent has the peak
+        peak = measure_peak_flops(precision, n=None if cuda else 2048, reps=None if cuda else 4, device=args.device)
+        print(f"matmul peak ({precision}, {args.device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
     sized = (args.arch or ("flags" if cuda else "fixed")) == "flags"
     only = (args.only or ("e8,e64" if sized else "demo,dense,e8")).split(",")
     cases = gpu_cases(args, only) if sized else {c: CASES[c] for c in only}
@@ -372,8 +378,24 @@ def main(argv=None) -> int:
                                            ("transformers", None if args.no_hf else bench_hf))
                  # demo's hash/MPO layers have no transformers equivalent
                  if fn is not None and not (impl == "transformers" and case == "demo")}
-        # CUDA: one at a time, so each peak-memory reading is its own.
-        times, peaks = time_interleaved(impls, run, seq, mbs, args, together=not cuda and case != "e64")
+        if args.block_worker:  # one block of a parent's time_blocks: time it, report, exit
+            step, close = impls[args.block_worker](run, seq, mbs, args.device)
+            for _ in range(args.warmup):
+                step()
+            ts = [_time_steps(step, 0, args.steps, args.device) for _ in range(args.rounds)]
+            print("RESULT " + json.dumps({"step_s_rounds": ts}), flush=True)
+            return 0
+        peaks = {}
+        if not cuda and case != "e64":
+            times = time_together(impls, run, seq, mbs, args)
+        else:
+            flags = list(sys.argv[1:] if argv is None else argv)
+
+            def run_block(impl, n):
+                if cuda:
+                    return block_in_process(impls[impl], run, seq, mbs, args, n, peaks, impl)
+                return block_in_fresh_process(flags, case, impl, n)
+            times = time_blocks(list(impls), args.rounds, args.block_rounds, run_block)
         if len(times) == 2 and all(len(t) > 1 for t in times.values()):
             paired = [a / b for a, b in zip(times["transformers"], times["megamoe"])]
             row["speedup_rounds"] = paired
@@ -434,51 +456,68 @@ def main(argv=None) -> int:
     return 0
 
 
-def time_interleaved(impls: dict, run, seq, mbs, args, together: bool) -> tuple[dict[str, list[float]], dict]:
-    """Seconds per step of each implementation, one value per round of ``--steps`` steps, and on
-    CUDA each implementation's peak memory in GB (read before it is freed).
-
-    ``together``: every implementation is built first and the rounds alternate between them
-    (``--rounds``, in ABBA order: whichever runs first in a round does not always run first),
-    so a slow spell of the machine hits both alike and the ratio comes from paired rounds. On this
-    2-core VM two back-to-back runs of the sequential version moved the E=8 ratio from 1.24x to 0.91x.
-
-    Otherwise (E=64 on CPU: ~18 GB per implementation, one fits a 24 GB machine at a time; CUDA,
-    so that each peak-memory reading is its own) the rounds come in blocks of ``--block-rounds``:
-    one implementation is built, warmed up, timed for a block and freed, then the other, in ABBA
-    order of blocks. Round i of a block pairs with round i of the other implementation's block
-    next to it, a minute or two apart instead of the whole run (the E=64 comparison used to be
-    two separate processes, unpaired). Each block pays a build and ``--warmup`` steps."""
-    import torch
-
-    times, peaks = {impl: [] for impl in impls}, {}
-    cuda = args.device == "cuda"
-    if not together:
-        per_block = args.block_rounds if len(impls) > 1 else args.rounds
-        for b in range(-(-args.rounds // per_block)):
-            n = min(per_block, args.rounds - b * per_block)
-            for impl, fn in list(impls.items())[::1 if b % 2 == 0 else -1]:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                step, close = fn(run, seq, mbs, args.device)
-                for _ in range(args.warmup):
-                    step()
-                times[impl] += [_time_steps(step, 0, args.steps, args.device) for _ in range(n)]
-                if cuda:
-                    peaks[impl] = max(peaks.get(impl, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-                close()
-        return times, peaks
-    made = {}
+def time_together(impls: dict, run, seq, mbs, args) -> dict[str, list[float]]:
+    """Seconds per step of each implementation, one value per round of ``--steps`` steps: every
+    implementation is built first and the rounds alternate between them (``--rounds``, in ABBA
+    order: whichever runs first in a round does not always run first), so a slow spell of the
+    machine hits both alike and the ratio comes from paired rounds. On this 2-core VM two
+    back-to-back sequential runs moved the E=8 ratio from 1.24x to 0.91x."""
+    made, times = {}, {impl: [] for impl in impls}
     for impl, fn in impls.items():
         made[impl] = fn(run, seq, mbs, args.device)
         for _ in range(args.warmup):
             made[impl][0]()
     for i in range(args.rounds):
-        for impl, (step, _) in list(made.items())[::1 if i % 2 == 0 else -1]:  # ABBA: no first-mover bias
+        for impl, (step, _) in list(made.items())[::1 if i % 2 == 0 else -1]:
             times[impl].append(_time_steps(step, 0, args.steps, args.device))
     for _, close in made.values():
         close()
-    return times, peaks
+    return times
+
+
+def time_blocks(impls: list[str], rounds: int, per_block: int, run_block) -> dict[str, list[float]]:
+    """For implementations that cannot be held together (E=64 on CPU: ~18 GB each, one fits a
+    24 GB machine; CUDA, so that each peak-memory reading is its own): ``rounds`` rounds in blocks
+    of ``per_block``, ``run_block(impl, n)`` building one implementation, timing n rounds after
+    its warm-up and freeing it, blocks in ABBA order. Round i of a block pairs with round i of the
+    other implementation's neighbouring block, a minute or two apart instead of a whole run."""
+    times = {impl: [] for impl in impls}
+    per_block = per_block if len(impls) > 1 else rounds  # one implementation: build it once
+    for b in range(-(-rounds // per_block)):
+        n = min(per_block, rounds - b * per_block)
+        for impl in impls[::1 if b % 2 == 0 else -1]:
+            times[impl] += run_block(impl, n)
+    return times
+
+
+def block_in_process(fn, run, seq, mbs, args, n: int, peaks: dict, impl: str) -> list[float]:
+    """One block in this process (CUDA): build, warm up, time n rounds, read the peak memory, free."""
+    import torch
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step, close = fn(run, seq, mbs, args.device)
+    for _ in range(args.warmup):
+        step()
+    times = [_time_steps(step, 0, args.steps, args.device) for _ in range(n)]
+    if cuda:
+        peaks[impl] = max(peaks.get(impl, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    close()
+    return times
+
+
+def block_in_fresh_process(argv: list[str], case: str, impl: str, n: int) -> list[float]:
+    """One block in a new process (CPU): this script with the same flags, ``--block-worker``.
+    A fresh heap for every block: in one process, each implementation's step time depended on
+    which model the process had built and freed before (transformers' E=64 step took 5.7 s after a
+    megamoe model had been freed and 6.4-7.1 s in a fresh process), which no paired design undoes."""
+    cmd = [sys.executable, __file__, *argv, "--only", case, "--rounds", str(n), "--block-worker", impl]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not line:
+        raise SystemExit(f"bench_train block worker ({impl}, {case}) failed:\n{(p.stdout + p.stderr)[-3000:]}")
+    return json.loads(line[-1][7:])["step_s_rounds"]
 
 
 def _expert_backend(device: str) -> str | None:

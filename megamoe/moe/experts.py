@@ -23,7 +23,8 @@ Compute (:func:`grouped_mm`), ``backend`` picks the kernel:
   autograd would instead materialise a full-size zero-padded gradient per expert (21x a dense
   FFN at E=64, platform.md). On these CPUs this loop beats torch 2.13's CPU ``_grouped_mm``
   (measured side by side in tools/bench_moe.py).
-- ``auto`` (default): ``grouped_mm`` on CUDA, ``loop`` elsewhere.
+- ``auto`` (default): ``grouped_mm`` on CUDA, ``loop`` elsewhere and where ``_grouped_mm``'s
+  16-byte stride alignment does not hold (:func:`grouped_mm_fits`; it would raise mid-step).
 Both backends run every slot, empty or not, in one op per projection, so every rank produces
 every expert gradient at the same point of backward, which ZeRO's ordered bucket reduction
 needs (tests/moe/test_static_graph.py).
@@ -85,11 +86,24 @@ def _gather(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
     return comm.all_gather(t, group)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def grouped_mm_fits(widths: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` takes operands whose rows are ``widths`` elements long: it
+    requires every matrix's leading stride to be a multiple of 16 bytes (its CUTLASS kernel's
+    alignment, checked on CPU too: "strides should be multiple of 16 bytes"). The experts' rows
+    are D (x, y, down's rows) and F / TP / blocks (one slot's hidden rows), e.g. D=36 in bf16
+    (72 bytes) does not fit."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return all(w * size % 16 == 0 for w in widths)
+
+
+def resolve_backend(backend: str, device: torch.device, widths: tuple[int, ...] = (),
+                    dtype: torch.dtype = torch.float32) -> str:
+    """``auto``: ``grouped_mm`` on CUDA where :func:`grouped_mm_fits` the row widths (else the
+    loop, which takes any shape), ``loop`` elsewhere."""
     if backend not in BACKENDS:
         raise UserError(f"experts backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "grouped_mm" if device.type == "cuda" else "loop"
+        return "grouped_mm" if device.type == "cuda" and grouped_mm_fits(widths, dtype) else "loop"
     return backend
 
 
@@ -144,9 +158,9 @@ def grouped_mm(x_RK: torch.Tensor, w_SKN: torch.Tensor, counts_S: torch.Tensor |
 def expert_ffn(x_RD: torch.Tensor, counts_S: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
                w_down: torch.Tensor, num_blocks: int, backend: str) -> torch.Tensor:
     """The FFN of every slot on stacked ``[L, F', D]`` weights (module docstring layout)."""
-    backend = resolve_backend(backend, x_RD.device)
-    counts = counts_S if backend == "grouped_mm" else counts_S.tolist()
     S, D = w_up.shape[0] * num_blocks, w_up.shape[2]
+    backend = resolve_backend(backend, x_RD.device, (D, w_up.shape[1] // num_blocks), w_up.dtype)
+    counts = counts_S if backend == "grouped_mm" else counts_S.tolist()
 
     def slots(w):  # [L, F', D] -> [S, F' / n, D], a view
         return w.view(S, -1, D)

@@ -144,6 +144,30 @@ def test_loop_and_grouped_mm_agree_bitwise_in_layout():
         _close(g0[n], g1[n], n)
 
 
+def test_auto_keeps_grouped_mm_off_shapes_it_rejects():
+    """``torch._grouped_mm`` needs 16-byte row strides (checked on CPU as on CUDA): D=18 in fp32
+    (72 bytes) raises mid-step, so ``auto`` must pick the loop for it on CUDA too."""
+    from megamoe.moe.experts import grouped_mm_fits, resolve_backend
+
+    d, f, slots = 18, 32, 4
+    experts = FFNExperts(d, f, slots, backend="grouped_mm")
+    counts = torch.tensor([2, 0, 3, 1])
+    x = torch.randn(6, d)
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        experts(x, counts)
+    cuda = torch.device("cuda")  # a device object only: no GPU needed
+    assert not grouped_mm_fits((d, f), torch.float32)
+    assert resolve_backend("auto", cuda, (d, f), torch.float32) == "loop"
+    assert resolve_backend("auto", cuda, (16, 32), torch.float32) == "grouped_mm"
+    assert resolve_backend("auto", cuda, (20, 32), torch.bfloat16) == "loop"  # 40 bytes
+    assert resolve_backend("auto", cuda, (24, 32), torch.bfloat16) == "grouped_mm"
+    # F / blocks is a slot's row width: 2 blocks of 36 bf16 rows are 72 bytes
+    assert resolve_backend("auto", cuda, (64, 72 // 2), torch.bfloat16) == "loop"
+    experts.backend = "auto"
+    y = experts(x, counts)
+    assert y.shape == (6, d) and torch.isfinite(y).all()
+
+
 def test_loop_weight_grad_is_one_buffer():
     """LoopGroupedMM hands autograd ONE weight gradient of the stacked shape, written slot by
     slot (the fix for the 21x of indexing a stacked parameter per expert)."""

@@ -53,7 +53,9 @@ class Dispatcher:
         pair_N = kept_N[torch.argsort(slots_N, stable=True)]
         plan = DispatchPlan(token_idx_N=pair_N // K, weights_N=weights_TK.reshape(-1)[pair_N],
                             counts_S=count_per_expert(slots_N, self.num_slots), num_tokens=T)
-        x_ND = x_TD[plan.token_idx_N]
+        # index_select, not x_TD[idx]: advanced indexing's backward is an accumulating index_put_,
+        # serial on CPU (fwd+bwd 4.4 ms against 1.5 ms at T=4096, D=512)
+        x_ND = x_TD.index_select(0, plan.token_idx_N)
         if self.ep_size == 1:
             return x_ND, plan.counts_S, plan
         P, L = self.ep_size, self.local_slots
@@ -64,7 +66,7 @@ class Dispatcher:
         local_slot_R = torch.repeat_interleave(
             torch.arange(L, device=x_TD.device).repeat(P), recv_counts_PL.reshape(-1))
         plan.regroup_R = torch.argsort(local_slot_R, stable=True)
-        return x_RD[plan.regroup_R], recv_counts_PL.sum(0), plan
+        return x_RD.index_select(0, plan.regroup_R), recv_counts_PL.sum(0), plan
 
     def combine(self, y_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Expert outputs grouped by local slot -> [T, D] (weighted sum over kept choices)."""

@@ -70,9 +70,12 @@ def main() -> None:
         before_g = _status("VmRSS")
         full = gather_full_state_dict(t.engine.module)  # what the old save did on every rank
         peak_g = _status("VmHWM")
+        own = {p.untyped_storage().data_ptr() for p in t.engine.module.parameters()}
+        held = sum(v.nbytes for v in full.values() if v.untyped_storage().data_ptr() not in own)
         del full
         rec = {"rank": rank, "extra": peak - before, "shard": shard.stat().st_size, "largest": largest,
-               "gather_extra": peak_g - before_g, "params": sum(p.numel() for p in t.engine.module.parameters()),
+               "gather_extra": peak_g - before_g, "gather_held": held,
+               "params": sum(p.numel() for p in t.engine.module.parameters()),
                "consolidates": rank == 0 and run.train.save_full_model}
         Path(f"{out}.rank{rank}").write_text(json.dumps(rec))
     dist.barrier()

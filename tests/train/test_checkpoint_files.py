@@ -74,7 +74,8 @@ def test_save_peak_memory_is_own_shard_plus_largest_tensor(tiny_data, tmp_path):
     "Extra" is the growth of peak resident memory (VmHWM after resetting it): heap freed by the
     training step is reused first, so small temporaries may not show; large ones do. Measured:
     28 KiB (rank 1) and 36 KiB (rank 0, which also streams model.safetensors from the shards);
-    gathering the full state dict, what the old save did on every rank: 111 and 157 MiB."""
+    gathering the full state dict, what the old save did on every rank: 111 and 157 MiB (CI: 24 and
+    94 MiB), from copies that hold 100 MiB at once (2x the rank's parameter bytes)."""
     prefix, tok = tiny_data
     cfg = tiny_config(prefix, tok, tmp_path, **{"model.hidden_size": 256, "model.ffn_hidden_size": 1024,
                                                 "model.num_layers": 4, "model.num_heads": 4,
@@ -90,7 +91,9 @@ def test_save_peak_memory_is_own_shard_plus_largest_tensor(tiny_data, tmp_path):
         print(r)
         assert r["extra"] <= r["shard"] + r["largest"] + slack, r  # the bound item 2 asks for
         assert r["extra"] <= 4 * r["largest"] + slack, r  # what streaming actually gives
-        assert r["params"] * 4 > 40 << 20 and r["gather_extra"] > 4 * r["largest"] + slack  # the bound means something
+        # the bound means something: the old save's gathered copies, alive at once, exceed it. Their
+        # bytes, not gather_extra: freed heap the gather reuses hid 8 MiB of them from VmHWM on CI.
+        assert r["params"] * 4 > 40 << 20 and r["gather_held"] > 4 * r["largest"] + slack
 
 
 def _damage(path, how):

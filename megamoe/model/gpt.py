@@ -29,13 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint
 
 from megamoe import parallel
 from megamoe.model.attention import Attention
 from megamoe.model.config import ModelConfig, MoEConfig, ParallelConfig
 from megamoe.model.layers import (
+    ColumnLinear,
     RotaryEmbedding,
     build_norm,
     ensure_parallel,
@@ -109,9 +110,9 @@ class GPT(torch.nn.Module):
         self.layers = torch.nn.ModuleList(Block(cfg, moe_cfg, i, mp, sequence_parallel, build_tables)
                                           for i in range(cfg.num_layers))
         self.final_norm = build_norm(cfg)
-        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
-                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
-                                            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=group)
+        self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, config=mp, init_method=normal_init(cfg.init_std),
+                                    bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
+                                    tp_group=group)
         self._enter, self._leave = sequence_parallel_fns(sequence_parallel)
         self.sequence_parallel = sequence_parallel and parallel.tp_size() > 1
         if self.sequence_parallel:  # norms act on this rank's sequence slice: sum their grads over TP

@@ -216,7 +216,7 @@ class Trainer:
                 engine.step()
             stats = out.moe_stats
         loss, lm, aux, z, bad = _dp_mean([s / gas for s in sums] + [float(nonfinite)])
-        norm = engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)
+        norm = engine.get_global_grad_norm()  # None where no norm is taken (ZeRO-0 without clipping)
         norm = float(norm) if norm is not None else float("nan")
         applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
         bad_norm = self.run.train.zero_stage > 0 and not math.isfinite(norm)

@@ -261,22 +261,29 @@ def build_engine(model, run_cfg, layout, ds_config: dict):
 
 
 def clip_inside_adamw(engine) -> None:
-    """ZeRO-0 fp32: DeepSpeed's gradient clipping, with the scaling done inside the fused AdamW.
+    """ZeRO-0 fp32: gradient clipping by the global norm, the scaling done inside the fused AdamW.
 
     DeepSpeed clips there with ``deepspeed.runtime.utils.clip_grad_norm_``: a norm, then a
     multiply over every gradient (a read and a write of all of them) right before AdamW reads
-    them again. Here the norm is DeepSpeed's own, step for step (each gradient's fp32 2-norm,
-    counted on TP rank 0 unless the parameter is TP-sharded, summed over TP, then averaged over
-    the DP group as DeepSpeed does for MoE), and the coefficient ``min(1, max_norm / (norm +
-    1e-6))`` goes to the fused AdamW as ``grad_scale``, which divides each gradient by it as it
-    reads it (the hook torch's GradScaler uses to unscale). E=64 bench model (1.15 B params):
-    ``engine.step()`` 574 instead of 642 ms (medians of 15 alternating steps). Also records the norm for
+    them again. Here the coefficient ``min(1, max_norm / (norm + 1e-6))`` goes to the fused AdamW
+    as ``grad_scale``, which divides each gradient by it as it reads it (the hook torch's
+    GradScaler uses to unscale). E=64 bench model (1.15 B params): ``engine.step()`` 574 instead
+    of 642 ms (medians of 15 alternating steps). Also records the norm for
     ``engine.get_global_grad_norm()``, which DeepSpeed leaves empty at ZeRO-0.
+
+    The norm is the global one, every element counted once: each gradient's fp32 2-norm, counted
+    on TP rank 0 unless the parameter is TP-sharded, summed over TP; expert gradients are also
+    summed over the expert-parallel group (each EP rank holds other experts). That is the norm
+    DeepSpeed's ZeRO-1/2 and its bf16 optimizer (``get_norm_with_moe_layers``) clip by, and the
+    one a single process computes. It departs from DeepSpeed's ZeRO-0 fp32 ``clip_grad_norm_``,
+    which averages each DP rank's own norm "due to the presence of moe params": with EP > 1 that
+    mean is not the norm of any gradient, so EP=2 clipped differently from one process. At EP=1
+    the two are the same number (tests/train/test_engine_checks.py: bit-equal to DeepSpeed at one
+    rank; EP=2 on 2 ranks equals one process).
     Trap: dividing by ``1/coef`` is not bit-equal to multiplying by ``coef``; the result
-    differs from DeepSpeed's in the last bits (tests/train/test_engine_checks.py bounds it). bf16/fp16
-    and ZeRO-1/2 keep DeepSpeed's own clipping, already one pass inside their optimizers."""
+    differs from DeepSpeed's in the last bits (the test bounds it). bf16/fp16 and ZeRO-1/2 keep
+    DeepSpeed's own clipping, already one pass inside their optimizers."""
     from deepspeed.runtime.utils import is_model_parallel_parameter
-    from deepspeed.utils import groups as ds_groups
 
     opt = _base_optimizer(engine.optimizer)
     for attr in ("clip_fp32_gradients", "gradient_clipping", "_global_grad_norm", "mpu"):
@@ -285,14 +292,19 @@ def clip_inside_adamw(engine) -> None:
     mpu = engine.mpu
     tp_rank0 = mpu.get_model_parallel_rank() == 0
 
+    def squared_norm(params) -> torch.Tensor:
+        grads = [p.grad for p in params if p.grad is not None and (tp_rank0 or is_model_parallel_parameter(p))]
+        return (torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum() if grads
+                else torch.zeros((), device=engine.device))
+
+    params = list(engine.module.parameters())
+    dense = [p for p in params if not is_expert_param(p)]
+    experts = [p for p in params if is_expert_param(p)]
+
     def clip_fp32_gradients():
-        grads = [p.grad for p in engine.module.parameters()
-                 if p.grad is not None and (tp_rank0 or is_model_parallel_parameter(p))]
-        sq = (torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum() if grads
-              else torch.zeros((), device=engine.device))
-        norm = comm.all_reduce(sq, "sum", mpu.get_model_parallel_group()).pow(0.5)
-        dp_group = ds_groups._get_data_parallel_group()
-        norm = comm.all_reduce(norm / comm.group_size(dp_group), "sum", dp_group)
+        sq = comm.all_reduce(torch.stack([squared_norm(dense), squared_norm(experts)]), "sum",
+                             mpu.get_model_parallel_group())
+        norm = (sq[0] + comm.all_reduce(sq[1], "sum", parallel.ep_group())).sqrt()
         coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
         opt.grad_scale = (1.0 / coef).float().reshape(())
         engine._global_grad_norm = norm.item()

@@ -20,7 +20,8 @@ After construction the symbol is restored, so DeepSpeed's own expert *checkpoint
 Grad norm: DeepSpeed's ZeRO-1/2 norm counts TP-replicated params on TP rank 0 only (params
 megatron-core marks ``tensor_model_parallel`` count on every TP rank) and sums the expert
 partitions over the DP group: every parameter is counted once. tests/train checks the norm
-across layouts against one process.
+across layouts against one process. ZeRO-0 fp32 clips by the same norm (:func:`clip_inside_adamw`),
+not by DeepSpeed's ZeRO-0 mean of per-rank norms.
 
 Coupling check (:func:`check_deepspeed_moe`, run right after ``deepspeed.initialize``): the
 patch above, the ``groups`` registry and the param-group keys ``moe`` / ``name`` are DeepSpeed

@@ -383,9 +383,13 @@ def main(argv=None) -> int:
             for _ in range(args.warmup):
                 step()
             ts = [_time_steps(step, 0, args.steps, args.device) for _ in range(args.rounds)]
-            print("RESULT " + json.dumps({"step_s_rounds": ts}), flush=True)
+            import resource
+
+            use = resource.getrusage(resource.RUSAGE_SELF)  # Linux: ru_maxrss in KiB
+            print("RESULT " + json.dumps({"step_s_rounds": ts, "peak_rss_gib": use.ru_maxrss / 2**20,
+                                          "major_faults": use.ru_majflt}), flush=True)
             return 0
-        peaks = {}
+        peaks, blocks = {}, []
         if not cuda and case != "e64":
             times = time_together(impls, run, seq, mbs, args)
         else:
@@ -394,8 +398,10 @@ def main(argv=None) -> int:
             def run_block(impl, n):
                 if cuda:
                     return block_in_process(impls[impl], run, seq, mbs, args, n, peaks, impl)
-                return block_in_fresh_process(flags, case, impl, n)
+                return block_in_fresh_process(flags, case, impl, n, blocks)
             times = time_blocks(list(impls), args.rounds, args.block_rounds, run_block)
+            if blocks:
+                row["blocks"] = blocks
         if len(times) == 2 and all(len(t) > 1 for t in times.values()):
             paired = [a / b for a, b in zip(times["transformers"], times["megamoe"])]
             row["speedup_rounds"] = paired
@@ -507,17 +513,24 @@ def block_in_process(fn, run, seq, mbs, args, n: int, peaks: dict, impl: str) ->
     return times
 
 
-def block_in_fresh_process(argv: list[str], case: str, impl: str, n: int) -> list[float]:
+def block_in_fresh_process(argv: list[str], case: str, impl: str, n: int, blocks: list | None = None) -> list[float]:
     """One block in a new process (CPU): this script with the same flags, ``--block-worker``.
     A fresh heap for every block: in one process, each implementation's step time depended on
     which model the process had built and freed before (transformers' E=64 step took 5.7 s after a
-    megamoe model had been freed and 6.4-7.1 s in a fresh process), which no paired design undoes."""
+    megamoe model had been freed and 6.4-7.1 s in a fresh process), which no paired design undoes.
+    Appends the block's peak resident memory and major page faults to ``blocks``: E=64 runs at
+    the edge of a 24 GB machine's memory, and a slow block can then be checked against them."""
     cmd = [sys.executable, __file__, *argv, "--only", case, "--rounds", str(n), "--block-worker", impl]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not line:
-        raise SystemExit(f"bench_train block worker ({impl}, {case}) failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    return json.loads(line[-1][7:])["step_s_rounds"]
+        why = (" (killed by SIGKILL: the kernel's out-of-memory killer sends it, see `dmesg`)"
+               if p.returncode == -9 else f" (exit status {p.returncode})")
+        raise SystemExit(f"bench_train block worker ({impl}, {case}) failed{why}:\n{(p.stdout + p.stderr)[-3000:]}")
+    result = json.loads(line[-1][7:])
+    if blocks is not None:
+        blocks.append({"impl": impl, **result})
+    return result["step_s_rounds"]
 
 
 def _expert_backend(device: str) -> str | None:
@@ -550,6 +563,14 @@ def to_markdown(result: dict) -> str:
                      f"{g('transformers_mfu', '{:.0%}')} | {g('speedup_vs_transformers', '{:.3f}x')}"
                      f"{' +- {:.3f}'.format(r['speedup_se']) if 'speedup_se' in r else ''} | {g('at_least_as_fast', '{}')} | "
                      f"{g('ds_ep2_2rank_tokens_per_s', '{:.0f}')} | {g('ds_ep2_overhead_vs_1proc', '{:+.0%}')} |")
+    for r in result["rows"]:
+        if r.get("blocks"):
+            lines += ["", f"{r['case']} blocks in run order (each its own process): median step, peak resident "
+                          "memory, major page faults", "",
+                      "| block | implementation | median step s | peak RSS GiB | major faults |", "|---|---|---|---|---|"]
+            lines += [f"| {i + 1} | {b['impl']} | {statistics.median(b['step_s_rounds']):.2f} | "
+                      f"{b.get('peak_rss_gib', float('nan')):.1f} | {b.get('major_faults', '-')} |"
+                      for i, b in enumerate(r["blocks"])]
     return "\n".join(lines) + "\n"
 
 

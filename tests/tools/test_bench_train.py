@@ -46,4 +46,16 @@ def test_block_worker_times_one_implementation_in_its_own_process():
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
     assert len(result["step_s_rounds"]) == 3 and all(t > 0 for t in result["step_s_rounds"])
+    assert 0.1 < result["peak_rss_gib"] < 64 and result["major_faults"] >= 0  # GiB, not KiB or bytes
     assert "matmul peak" not in p.stdout  # the parent measures it, once
+
+
+def test_markdown_lists_each_block_with_its_memory():
+    from bench_train import to_markdown
+
+    row = {"case": "e64", "experts": 64, "total": 1e9, "blocks": [
+        {"impl": "megamoe", "step_s_rounds": [5.0, 6.0, 9.0], "peak_rss_gib": 20.56, "major_faults": 183},
+        {"impl": "transformers", "step_s_rounds": [5.5], "peak_rss_gib": 21.47, "major_faults": 17}]}
+    md = to_markdown({"matmul_peak_flops": 1e11, "device": "cpu", "threads": 2, "steps": 1, "warmup": 3,
+                      "date": "now", "rows": [row]})
+    assert "| 1 | megamoe | 6.00 | 20.6 | 183 |" in md and "| 2 | transformers | 5.50 | 21.5 | 17 |" in md

@@ -55,7 +55,42 @@ def test_markdown_lists_each_block_with_its_memory():
 
     row = {"case": "e64", "experts": 64, "total": 1e9, "blocks": [
         {"impl": "megamoe", "step_s_rounds": [5.0, 6.0, 9.0], "peak_rss_gib": 20.56, "major_faults": 183},
+        {"impl": "transformers", "killed": "SIGKILL"},
         {"impl": "transformers", "step_s_rounds": [5.5], "peak_rss_gib": 21.47, "major_faults": 17}]}
     md = to_markdown({"matmul_peak_flops": 1e11, "device": "cpu", "threads": 2, "steps": 1, "warmup": 3,
                       "date": "now", "rows": [row]})
-    assert "| 1 | megamoe | 6.00 | 20.6 | 183 |" in md and "| 2 | transformers | 5.50 | 21.5 | 17 |" in md
+    assert "| 1 | megamoe | 6.00 | 20.6 | 183 |" in md and "| 3 | transformers | 5.50 | 21.5 | 17 |" in md
+    assert "| 2 | transformers | killed (SIGKILL), run again | - | - |" in md
+
+
+def _fake_worker(returncodes):
+    """subprocess.run stand-in: the block worker exits with each of ``returncodes`` in turn."""
+    import types
+
+    calls = []
+
+    def run(cmd, **_):
+        rc = returncodes[len(calls)]
+        calls.append(cmd)
+        out = 'RESULT {"step_s_rounds": [1.0], "peak_rss_gib": 2.0, "major_faults": 0}' if rc == 0 else ""
+        return types.SimpleNamespace(returncode=rc, stdout=out, stderr="")
+    return run, calls
+
+
+def test_a_block_killed_by_the_oom_killer_runs_once_more(monkeypatch):
+    import pytest
+
+    import bench_train
+
+    run, calls = _fake_worker([-9, 0])
+    monkeypatch.setattr(bench_train.subprocess, "run", run)
+    blocks = []
+    assert bench_train.block_in_fresh_process([], "e64", "megamoe", 1, blocks) == [1.0]
+    assert len(calls) == 2 and [b.get("killed") for b in blocks] == ["SIGKILL", None]
+
+    for codes, why in (([-9, -9], "SIGKILL again"), ([1], "exit status 1")):  # no third try, no retry of a crash
+        run, calls = _fake_worker(codes)
+        monkeypatch.setattr(bench_train.subprocess, "run", run)
+        with pytest.raises(SystemExit, match=why):
+            bench_train.block_in_fresh_process([], "e64", "megamoe", 1, [])
+        assert len(calls) == len(codes)

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from megamoe import comm, parallel
 from megamoe.config import ConfigError
+from megamoe.train.fragments import ensure_optimizer_state
 from megamoe.utils import print0
 
 # DeepSpeed releases whose MoE internals check_deepspeed_moe was verified against (pyproject.toml):
@@ -254,6 +255,8 @@ def build_engine(model, run_cfg, layout, ds_config: dict):
         engine.enable_backward_allreduce = False
     if train.zero_stage == 0 and train.precision == "fp32" and train.grad_clip > 0:
         clip_inside_adamw(engine)
+    # AdamW's moments now, before the first step's activations (fragments.ensure_optimizer_state)
+    ensure_optimizer_state(engine.optimizer)
     if has_moe:
         c = check_deepspeed_moe(engine, model, layout.ep, planned)
         print0(f"deepspeed {c['deepspeed']}: {c['moe_layers']} MoE layers seen, experts reduced over expert-DP "

@@ -203,6 +203,43 @@ def test_one_rank_skips_deepspeed_allreduce():
     run_distributed(_skip_one_rank_allreduce, world_size=1)
 
 
+def _adamw_state_allocated_first(rank, world):
+    """AdamW's moments exist, zero, before the first step, under each DeepSpeed optimizer path
+    (megamoe/train/fragments.py:ensure_optimizer_state, called by build_engine). Where megamoe
+    created them (step 0: ZeRO-0 fp32 on the model's params, ZeRO-2 on DeepSpeed's flat fp32
+    partitions), two steps from them are bit-identical to two steps from torch's lazy init (the
+    state cleared). bf16 at ZeRO-0 goes through DeepSpeed's optimizer that steps once with zero
+    gradients at construction (step 1): that state is DeepSpeed's and left as it is."""
+    import torch
+
+    from megamoe.train.engine import _base_optimizer
+
+    x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    for zero, precision, first_step in ((0, "fp32", 0), (2, "fp32", 0), (2, "bf16", 0), (0, "bf16", 1)):
+        params = {}
+        for lazy in (False, True) if first_step == 0 else (False,):
+            engine, model, _ = _engine(1, zero, precision)
+            opt = _base_optimizer(engine.optimizer)
+            held = [p for g in opt.param_groups for p in g["params"]]
+            assert held and all(torch.equal(opt.state[p]["exp_avg"], torch.zeros_like(p))
+                                and torch.equal(opt.state[p]["exp_avg_sq"], torch.zeros_like(p))
+                                and opt.state[p]["step"].item() == first_step for p in held), (zero, precision)
+            if lazy:
+                opt.state.clear()
+            for _ in range(2 * engine.gradient_accumulation_steps()):
+                engine.backward(engine(x[:, :-1], x[:, 1:], None).loss)
+                engine.step()
+            assert all(opt.state[p]["step"].item() == first_step + 2 for p in held), (zero, precision)
+            params[lazy] = [p.detach().clone() for p in model.parameters()]
+            engine.destroy()
+        if first_step == 0:
+            assert all(torch.equal(a, b) for a, b in zip(params[False], params[True])), (zero, precision)
+
+
+def test_adamw_state_is_allocated_before_the_first_step():
+    run_distributed(_adamw_state_allocated_first, world_size=1)
+
+
 def _clip_inside_adamw(rank, world):
     import torch
     from deepspeed.runtime.utils import clip_grad_norm_

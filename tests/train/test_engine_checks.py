@@ -11,6 +11,8 @@
   clipping moves the parameters 100x further than that tolerance). At EP=2 on 2 ranks the
   clip norm equals one process's on the same global batch (1e-6 relative; measured bit-equal),
   where DeepSpeed's own ZeRO-0 norm (a DP mean of per-rank norms) is 8e-4 off.
+- AdamW's moments exist before the first step (created when the engine is built, for a stable
+  heap), and steps from them are bit-identical to torch's lazy init, at ZeRO-0/2 in fp32/bf16.
 - A short 2-rank ZeRO-2 run with two saves prints no warning more than once (the four
   "Transformer Engine and Apex are not installed" per rank and DeepSpeed's
   ``all_gather_into_tensor`` FutureWarning were the noise), and says the check ran.

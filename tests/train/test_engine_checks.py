@@ -12,7 +12,8 @@
   clip norm equals one process's on the same global batch (1e-6 relative; measured bit-equal),
   where DeepSpeed's own ZeRO-0 norm (a DP mean of per-rank norms) is 8e-4 off.
 - AdamW's moments exist before the first step (created when the engine is built, for a stable
-  heap), and steps from them are bit-identical to torch's lazy init, at ZeRO-0/2 in fp32/bf16.
+  heap), and steps from them are bit-identical to torch's lazy init, at ZeRO-0/2 in fp32/bf16
+  and ZeRO-3 (dense).
 - A short 2-rank ZeRO-2 run with two saves prints no warning more than once (the four
   "Transformer Engine and Apex are not installed" per rank and DeepSpeed's
   ``all_gather_into_tensor`` FutureWarning were the noise), and says the check ran.
@@ -30,7 +31,7 @@ from tests.distributed import run_distributed
 from tests.train.helpers import launch
 
 
-def _engine(ep: int, zero: int, precision: str, init=None, **train):
+def _engine(ep: int, zero: int, precision: str, init=None, experts: int = 4, **train):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megamoe import parallel
     from megamoe.config import from_dict
@@ -42,7 +43,7 @@ def _engine(ep: int, zero: int, precision: str, init=None, **train):
     run = from_dict(RunConfig, {
         "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64,
                   "max_position_embeddings": 32},
-        "moe": {"num_experts": 4, "every": 1, "router": {"top_k": 1}},
+        "moe": {"num_experts": experts, "every": 1, "router": {"top_k": 1}},
         "parallel": {"expert_parallel": ep},
         "data": {"seq_length": 16},
         "train": {"micro_batch_size": 2, "global_batch_size": 4, "zero_stage": zero, "precision": precision,
@@ -58,7 +59,7 @@ def _engine(ep: int, zero: int, precision: str, init=None, **train):
         import torch
 
         model = model.to(torch.bfloat16)
-    engine, _, _ = build_engine(model, run, layout, build_ds_config(run.train, layout.dp, has_moe=True))
+    engine, _, _ = build_engine(model, run, layout, build_ds_config(run.train, layout.dp, has_moe=experts > 0))
     return engine, model, layout
 
 
@@ -208,21 +209,23 @@ def test_one_rank_skips_deepspeed_allreduce():
 def _adamw_state_allocated_first(rank, world):
     """AdamW's moments exist, zero, before the first step, under each DeepSpeed optimizer path
     (megamoe/train/fragments.py:ensure_optimizer_state, called by build_engine). Where megamoe
-    created them (step 0: ZeRO-0 fp32 on the model's params, ZeRO-2 on DeepSpeed's flat fp32
-    partitions), two steps from them are bit-identical to two steps from torch's lazy init (the
-    state cleared). bf16 at ZeRO-0 goes through DeepSpeed's optimizer that steps once with zero
-    gradients at construction (step 1): that state is DeepSpeed's and left as it is."""
+    created them (step 0: ZeRO-0 fp32 on the model's params, ZeRO-2 and ZeRO-3 (dense) on
+    DeepSpeed's flat fp32 partitions), two steps from them are bit-identical to two steps from
+    torch's lazy init (the state cleared), and the steps used them: no second, lazily created
+    state appears beside them. bf16 at ZeRO-0 goes through DeepSpeed's optimizer that steps once
+    with zero gradients at construction (step 1): that state is DeepSpeed's and left as it is."""
     import torch
 
-    from megamoe.train.engine import _base_optimizer
+    from megamoe.train.fragments import _inner, flat_partitions
 
     x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
-    for zero, precision, first_step in ((0, "fp32", 0), (2, "fp32", 0), (2, "bf16", 0), (0, "bf16", 1)):
+    paths = ((0, "fp32", 4, 0), (2, "fp32", 4, 0), (2, "bf16", 4, 0), (3, "fp32", 0, 0), (0, "bf16", 4, 1))
+    for zero, precision, experts, first_step in paths:
         params = {}
         for lazy in (False, True) if first_step == 0 else (False,):
-            engine, model, _ = _engine(1, zero, precision)
-            opt = _base_optimizer(engine.optimizer)
-            held = [p for g in opt.param_groups for p in g["params"]]
+            engine, model, _ = _engine(1, zero, precision, experts=experts)
+            opt = _inner(engine.optimizer)
+            held = flat_partitions(engine.optimizer) or [p for g in opt.param_groups for p in g["params"]]
             assert held and all(torch.equal(opt.state[p]["exp_avg"], torch.zeros_like(p))
                                 and torch.equal(opt.state[p]["exp_avg_sq"], torch.zeros_like(p))
                                 and opt.state[p]["step"].item() == first_step for p in held), (zero, precision)
@@ -231,6 +234,7 @@ def _adamw_state_allocated_first(rank, world):
             for _ in range(2 * engine.gradient_accumulation_steps()):
                 engine.backward(engine(x[:, :-1], x[:, 1:], None).loss)
                 engine.step()
+            assert len(opt.state) == len(held), (zero, precision)
             assert all(opt.state[p]["step"].item() == first_step + 2 for p in held), (zero, precision)
             params[lazy] = [p.detach().clone() for p in model.parameters()]
             engine.destroy()

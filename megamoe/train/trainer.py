@@ -20,6 +20,8 @@ Traps:
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -318,6 +320,15 @@ class Trainer:
         return result
 
 
+def tensorboard_command() -> str:
+    """``tensorboard`` where it is on PATH, else the one beside this Python: ``make demo`` runs
+    ``.venv/bin/python`` without activating the venv, and the printed command must work verbatim."""
+    if shutil.which("tensorboard"):
+        return "tensorboard"
+    exe = Path(sys.executable).parent / "tensorboard"
+    return str(exe.relative_to(Path.cwd())) if exe.is_relative_to(Path.cwd()) else str(exe)
+
+
 def print_summary(result: dict) -> None:
     v = result.get("valid") or {}
     lines = ["", "=" * 78, "megamoe pretraining summary",
@@ -327,7 +338,7 @@ def print_summary(result: dict) -> None:
                   f"valid perplexity {v['ppl']:.2f}   (model)",
                   f"unigram ppl      {v['unigram_ppl']:.2f}   (best unigram model of the same tokens)"]
     lines += [f"checkpoint       {result['checkpoint']}",
-              f"tensorboard      tensorboard --logdir {result['tensorboard']}",
+              f"tensorboard      {tensorboard_command()} --logdir {result['tensorboard']}",
               f"metrics          {result['metrics']}",
               f"loss curve       {result.get('loss_curve')}", "=" * 78]
     print0("\n".join(lines))

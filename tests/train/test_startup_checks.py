@@ -125,3 +125,20 @@ def test_param_groups_weight_decay_and_central_lr():
     assert lr["layers.0.moe.experts.central"] == 0.5 and lr["layers.0.proj.weight"] == 1.0
     moe_groups = [g for g in groups if g.get("moe")]
     assert len(moe_groups) == 1 and [id(p) for p in moe_groups[0]["params"]] == [id(m.layers[0].moe.experts.aux0)]
+
+
+def test_summary_prints_a_tensorboard_command_that_runs_verbatim(monkeypatch, tmp_path):
+    """make demo runs .venv/bin/python without activating the venv: the summary must name the
+    venv's tensorboard then, and plain ``tensorboard`` only where it is on PATH."""
+    import sys
+    from pathlib import Path
+
+    from megamoe.train.trainer import tensorboard_command
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no tensorboard on PATH
+    monkeypatch.chdir(Path(sys.executable).parent.parent.parent)
+    cmd = tensorboard_command()
+    assert cmd != "tensorboard" and (Path.cwd() / cmd).is_file(), cmd
+    (tmp_path / "tensorboard").write_text("#!/bin/sh\n")
+    (tmp_path / "tensorboard").chmod(0o755)
+    assert tensorboard_command() == "tensorboard"

@@ -83,11 +83,17 @@ def filter_dependency_warnings() -> None:
       first optimizer step). It is DeepSpeed's call to update, not ours: megamoe's own
       collectives all go through megamoe/comm.py, which does not use that function
       (tests/train/test_engine_checks.py checks it), so this filter hides no megamoe call.
+    - transformers 5 deprecates ``PreTrainedModel.is_gradient_checkpointing`` (a FutureWarning
+      from transformers.modeling_utils). PEFT 0.21 reads it with ``getattr`` each time it wraps
+      a model (peft/peft_model.py), so every fine-tuning run printed it. megamoe never reads the
+      attribute (tests/test_utils.py checks it); PEFT is the one to update.
     """
     warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed",
                             category=UserWarning, module=r"megatron(\.|_fsdp)")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning, module=r"torch\.distributed\.")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning, module=r"transformers\.modeling_utils")
 
 
 def skip_deepspeed_shm_op() -> None:

@@ -1,7 +1,7 @@
 """megamoe.utils: keep_freed_cpu_memory, checked through glibc's own accounting (mallinfo2),
 not timing: a large tensor must come from the reusable heap, not a fresh mmap; and
 return_freed_cpu_memory, checked through the process's resident size; the benchmarks' ratio
-statistics."""
+statistics; and the one transformers deprecation that PEFT triggers, filtered precisely.
 
 import os
 import subprocess
@@ -94,3 +94,34 @@ def test_ratio_statistics_and_goal_verdicts():
     assert goal_verdict(1.05, 0.03, 1.0) == "tie"  # 1.05 - 2 x 0.03 = 0.99 <= 1.0
     assert goal_verdict(1.07, 0.03, 1.0) == "MISSED"
     assert goal_verdict(1.01, float("nan"), 1.0) == "MISSED"  # one round: no SE, no tie
+
+
+def test_peft_wrapping_prints_no_transformers_deprecation_and_megamoe_never_reads_the_attribute():
+    """megamoe.utils.filter_dependency_warnings hides transformers' FutureWarning about
+    ``is_gradient_checkpointing``, which PEFT's ``PeftModel`` reads on every wrap; the filter
+    must hide no megamoe call of it."""
+    import ast
+    import warnings
+    from pathlib import Path
+
+    import peft
+    import transformers
+
+    import megamoe  # noqa: F401  (installs the filters)
+
+    def reads_it(path):  # an attribute access, or the name as a string (getattr), not prose
+        return any(isinstance(n, ast.Attribute) and n.attr == "is_gradient_checkpointing"
+                   or isinstance(n, ast.Constant) and n.value == "is_gradient_checkpointing"
+                   for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+
+    root = Path(__file__).resolve().parents[1]
+    assert not [p for d in ("megamoe", "tools", "pretrain") for p in (root / d).rglob("*.py") if reads_it(p)]
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # what a console shows, before megamoe's filters (re-added below)
+        from megamoe.utils import filter_dependency_warnings
+
+        filter_dependency_warnings()
+        peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in seen]

@@ -1,7 +1,7 @@
 """megamoe.utils: keep_freed_cpu_memory, checked through glibc's own accounting (mallinfo2),
 not timing: a large tensor must come from the reusable heap, not a fresh mmap; and
 return_freed_cpu_memory, checked through the process's resident size; the benchmarks' ratio
-statistics; and the one transformers deprecation that PEFT triggers, filtered precisely.
+statistics; and the one transformers deprecation that PEFT triggers, filtered precisely."""
 
 import os
 import subprocess

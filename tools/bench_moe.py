@@ -299,11 +299,15 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="a line added to the markdown (e.g. what else ran on the machine)")
     ap.add_argument("--out", default="results/bench_moe", help="output prefix (.json and .md)")
     args = ap.parse_args(argv)
+    from megamoe.errors import UserError
+
+    for flag in ("experts", "tokens", "hidden", "ffn", "threads", "reps"):
+        values = getattr(args, flag)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{flag} {values}: must be >= 1")
     if args.quick:
         args.experts, args.tokens, args.reps, args.hidden, args.ffn, args.mpo_bond = [4], [256], 1, 64, 128, [8]
     if args.device == "cuda" and not torch.cuda.is_available():
-        from megamoe.errors import UserError
-
         raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu")
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

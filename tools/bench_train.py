@@ -84,8 +84,6 @@ def gpu_cases(args, only: list[str]) -> dict:
 
     out = {}
     for case in only:
-        if case not in ("dense", "e8", "e64"):
-            raise SystemExit(f"--only {case}: with --arch flags the cases are dense, e8, e64")
         e = {"dense": 0, "e8": 8, "e64": 64}[case]
         out[case] = ({**base, "ffn_hidden_size": width(8 if e == 0 else e)}, e)
     return out
@@ -331,6 +329,16 @@ def main(argv=None) -> int:
     ap.add_argument("--block-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
+    for flag in ("steps", "rounds", "warmup", "block_rounds"):
+        if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "warmup" else 1):
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)}: must be "
+                             f"{'>= 0' if flag == 'warmup' else '>= 1'}")
+    sized = (args.arch or ("flags" if cuda else "fixed")) == "flags"
+    only = (args.only or ("e8,e64" if sized else "demo,dense,e8")).split(",")
+    known = ("dense", "e8", "e64") if sized else tuple(CASES)
+    if [c for c in only if c not in known]:
+        raise SystemExit(f"error: --only {args.only}: the cases{' with --arch flags' if sized else ''} are "
+                         f"{', '.join(known)}")
     args.steps = args.steps or (10 if cuda else 1)
     args.rounds = args.rounds or (3 if cuda else 24)
     # 3 on CPU too: megamoe's first 3 timed dense steps after 1 warm-up took 5.9-6.8 s, the rest ~4.1 s
@@ -357,8 +365,6 @@ def main(argv=None) -> int:
     if not args.block_worker:  # a block worker only times steps; its parent has the peak
         peak = measure_peak_flops(precision, n=None if cuda else 2048, reps=None if cuda else 4, device=args.device)
         print(f"matmul peak ({precision}, {args.device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    sized = (args.arch or ("flags" if cuda else "fixed")) == "flags"
-    only = (args.only or ("e8,e64" if sized else "demo,dense,e8")).split(",")
     cases = gpu_cases(args, only) if sized else {c: CASES[c] for c in only}
     backend = _expert_backend(args.device)
     rows = []

@@ -16,12 +16,13 @@ a model saves it in its state_dict from then on and never rebuilds it.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 from megamoe.errors import UserError, cli_main
 from megamoe.model.config import HashConfig
-from megamoe.moe.hashing import build_table, load_counts, load_embedding
+from megamoe.moe.hashing import build_table, load_counts, load_embedding, read_npy
 from megamoe.utils import atomic_path
 
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     elif args.variant == "balanced":
         if not args.counts:
             raise UserError("--variant balanced needs --counts (<data-prefix>.counts.npy from tools/count_tokens.py)")
-        vocab = args.vocab_size or len(np.load(args.counts))
+        vocab = args.vocab_size or len(read_npy(Path(args.counts), "--counts"))
         counts = load_counts(args.counts, vocab)
     else:
         if not args.vocab_size:

@@ -52,7 +52,7 @@ from torch import nn
 
 from megamoe.errors import UserError
 from megamoe.model.config import HashMoEConfig, RouterConfig
-from megamoe.moe.hashing import RoutingContext, load_counts
+from megamoe.moe.hashing import RoutingContext, load_counts, read_npy
 from megamoe.moe.router import RouterOutput, score, z_loss
 
 
@@ -95,10 +95,7 @@ def load_tid2eid_file(path: str | Path, vocab_size: int, num_experts: int, k: in
     field = "moe.hash_moe.table_file"
     if not path.is_file():
         raise UserError(f"{field}={str(path)!r} does not exist (a [vocab_size, k] int64 .npy of expert ids)")
-    try:
-        table = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
-    except (ValueError, OSError) as e:
-        raise UserError(f"{field}={str(path)!r} is not a readable .npy array ({e})") from None
+    table = torch.from_numpy(read_npy(path, field).astype(np.int64))
     want = (vocab_size, k)
     if tuple(table.shape) != want:
         raise UserError(f"{field}={str(path)!r} holds shape {tuple(table.shape)}; this layer needs {want} "

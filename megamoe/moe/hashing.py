@@ -199,13 +199,24 @@ def dispersed_clusters(embed_VD: torch.Tensor, num_experts: int, seed: int) -> t
     return kmeans(embed_VD, max(1, round(embed_VD.shape[0] / num_experts)), seed=seed)
 
 
+def read_npy(path: Path, field: str) -> np.ndarray:
+    """A numeric ``.npy`` array (never pickled objects), or one error line naming the setting."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError("no .npy header")
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{field}={str(path)!r} is not a readable numeric .npy array ({e})") from None
+
+
 def load_counts(path: str | Path, vocab_size: int, field: str = "moe.hash.counts_file") -> np.ndarray:
     """Train-split unigram counts [V] (``field`` names the setting in errors; hash-MoE passes its own)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{field}={str(path)!r} does not exist; run tools/count_tokens.py "
                         f"on the training data first (it writes <data-prefix>.counts.npy)")
-    counts = np.load(path, allow_pickle=False)
+    counts = read_npy(path, field)
     if counts.ndim != 1 or counts.shape[0] > vocab_size:
         raise UserError(f"{field}={str(path)!r} holds shape {counts.shape}; expected [V] with "
                         f"V <= model.vocab_size={vocab_size} (counts of another tokenizer?)")
@@ -216,23 +227,27 @@ def load_counts(path: str | Path, vocab_size: int, field: str = "moe.hash.counts
 
 def load_embedding(path: str | Path) -> torch.Tensor:
     """``embed.weight`` from a safetensors file (a checkpoint's full state dict)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"moe.hash.embedding_checkpoint={str(path)!r} does not exist (a safetensors file "
                         f"holding 'embed.weight')")
-    with safe_open(str(path), framework="pt") as f:
-        if "embed.weight" not in f.keys():
-            raise UserError(f"{path} has no tensor 'embed.weight' (keys: {sorted(f.keys())[:5]}...)")
-        return f.get_tensor("embed.weight")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "embed.weight" not in f.keys():
+                raise UserError(f"{path} has no tensor 'embed.weight' (keys: {sorted(f.keys())[:5]}...)")
+            return f.get_tensor("embed.weight")
+    except SafetensorError as e:  # a damaged or foreign file
+        raise UserError(f"{path} is not a readable safetensors file ({e}); pass a checkpoint's "
+                        "model.safetensors") from None
 
 
 def load_table_file(path: str | Path, num_hashes: int, num_experts: int, keys: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"moe.hash.table_file={str(path)!r} does not exist; build it with tools/build_hash_table.py")
-    table = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+    table = torch.from_numpy(read_npy(path, "moe.hash.table_file").astype(np.int64))
     if table.dim() == 1:
         table = table.unsqueeze(0)
     if tuple(table.shape) != (num_hashes, keys) or table.min() < 0 or table.max() >= num_experts:

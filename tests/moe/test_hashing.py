@@ -193,6 +193,28 @@ def test_build_hash_table_tool_and_table_file(tmp_path):
         _layer("random", table_file=str(out), num_hashes=2)  # shape mismatch names the field
 
 
+def test_foreign_or_pickled_hash_files_give_one_line_naming_the_setting(tmp_path):
+    """A counts / table file that is not a numeric .npy (text, a pickled object array) and an
+    embedding checkpoint that is not safetensors each stop with a UserError naming the file, not
+    numpy's or safetensors' traceback; a pickled array is never unpickled."""
+    from megamoe.moe.hash_moe import load_tid2eid_file
+    from megamoe.moe.hashing import load_counts, load_embedding, load_table_file
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an array\n")
+    pickled = tmp_path / "objects.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for bad in (text, pickled):
+        with pytest.raises(UserError, match=rf"moe\.hash\.counts_file=.*{bad.name}.*not a readable numeric \.npy"):
+            load_counts(bad, V)
+        with pytest.raises(UserError, match=rf"moe\.hash\.table_file=.*{bad.name}.*not a readable numeric"):
+            load_table_file(bad, 1, E, V)
+        with pytest.raises(UserError, match=rf"moe\.hash_moe\.table_file=.*{bad.name}"):
+            load_tid2eid_file(bad, V, E, 2)
+    with pytest.raises(UserError, match="notes.txt"):
+        load_embedding(text)
+
+
 # ---- MultiHash: the N hashes must partition the keys differently -------------------------
 
 BIG_V, BIG_E = 4096, 8

@@ -52,3 +52,12 @@ def test_transformers_baseline_is_initialised_and_routes_like_a_moe():
     assert mix.experts.config._experts_implementation == "grouped_mm"  # what its models pick
     chosen = torch.nn.functional.linear(torch.randn(256, 64), mix.gate.weight).argmax(-1)
     assert len(chosen.unique()) == 8  # tokens spread over every expert, not one
+
+
+def test_bad_sizes_stop_with_one_line(capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_moe
+
+    with pytest.raises(SystemExit) as e:
+        bench_moe.main(["--experts", "8", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --experts [8, 0]: must be >= 1\n"

@@ -94,3 +94,19 @@ def test_a_block_killed_by_the_oom_killer_runs_once_more(monkeypatch):
         with pytest.raises(SystemExit, match=why):
             bench_train.block_in_fresh_process([], "e64", "megamoe", 1, [])
         assert len(calls) == len(codes)
+
+
+def test_unknown_case_or_zero_rounds_stops_before_any_measurement(capsys):
+    """--only bogus was a KeyError traceback after the peak measurement; --rounds 0 silently
+    ran the default 24."""
+    import pytest
+
+    from bench_train import main
+
+    for argv, msg in ((["--only", "dense,bogus"], "--only dense,bogus: the cases are demo, dense, e8, e64"),
+                      (["--device", "cuda", "--only", "demo"], "the cases with --arch flags are dense, e8, e64"),
+                      (["--rounds", "0"], "--rounds 0: must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert msg in str(e.value)
+    assert "matmul peak" not in capsys.readouterr().out

@@ -219,6 +219,16 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _int_list(flag: str, text: str, minimum: int) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected a comma list of integers") from None
+    if not values or min(values) < minimum:
+        raise UserError(f"{flag} {text!r}: expected integers >= {minimum}")
+    return values
+
+
 @cli_main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -259,8 +269,10 @@ def main(argv=None):
         args.arms = args.arms or QUICK_ARMS
         args.sizes, args.seeds, args.steps, args.mta_stage2_steps, args.max_test = "100", "0,1", 40, 20, 100
     arms = [a for a in (args.arms or ARMS).split(",") if a]
-    sizes = [int(x) for x in args.sizes.split(",") if x]
-    seeds = [int(x) for x in args.seeds.split(",") if x]
+    sizes, seeds = _int_list("--sizes", args.sizes, 1), _int_list("--seeds", args.seeds, 0)
+    for flag in ("steps", "batch_size", "seq_len", "max_test", "rank"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     tasks = [t for t in args.tasks.split(",") if t]
 
     import torch

@@ -101,3 +101,14 @@ def test_save_lora_loads_with_peft(setup):
                    "--task-dir", str(tmp / "tasks"), "--tokenizer", str(spm)])
     assert e.value.code != 0
     del torch
+
+
+@pytest.mark.parametrize("argv, msg", [(["--sizes", "0"], "--sizes '0': expected integers >= 1"),
+                                       (["--sizes", "a,b"], "--sizes 'a,b': expected a comma list of integers"),
+                                       (["--seeds=-1"], "--seeds '-1': expected integers >= 0"),
+                                       (["--steps", "0"], "--steps 0: must be >= 1")])
+def test_bad_numbers_stop_with_one_line_before_loading_anything(argv, msg, capsys):
+    """--sizes 0 was a ValueError traceback from deep inside the run."""
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--base", "does-not-matter", "--arms", "lora", *argv])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {msg}\n"

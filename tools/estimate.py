@@ -10,22 +10,42 @@ Prints (and with ``--json`` writes) for the config at a layout:
 
 Model of DeepSpeed ZeRO-1/2 (what stage_1_and_2.py allocates): every rank keeps its low-precision
 (or fp32) weights; ZeRO>=1 keeps an fp32 copy of this rank's 1/DP partition plus Adam's m and v
-for it (12 bytes/param / DP); ZeRO-2 also partitions the reduced gradients (plus one reduce
-bucket); ZeRO-0 keeps full gradients and torch AdamW's m, v (8 bytes/param). Expert params are
-partitioned over the expert-data-parallel group (DP / EP) instead of DP. ZeRO-3 (dense only)
-also partitions the weights.
+for it (12 bytes/param / DP). ZeRO-1 keeps full low-precision gradients and, in bf16/fp16,
+makes an fp32 copy of its partition's at the step; ZeRO-2 keeps only the partition's, in fp32.
+Both allocate a reduce bucket of ``zero_optimization.reduce_bucket_size`` elements (the
+DeepSpeed JSON's, else its default 5e8; two with ``overlap_comm``) in the training dtype at each
+step's first gradient (``setup_buckets``, ``torch.empty``): all of it counts on a GPU, however
+small the model, while a CPU's resident memory counts only the pages written. ZeRO-0 keeps full
+gradients and AdamW's m, v (8 bytes/param); in bf16/fp16 DeepSpeed's FP16_Optimizer adds fp32
+masters and flattens the gradients to fp32 at the step. Expert params are partitioned over the
+expert-data-parallel group (DP / EP) instead of DP. ZeRO-3 (dense only) also partitions the
+weights.
 
 Activations (no activation checkpointing; Korthikanti et al. 2022, counted in elements and
-scaled to the activation dtype): per block ``s*b*h*(18 + 6*F/h*k_eff) + 2.5*a*s^2*b`` with F
-the FFN width and k_eff the experts a token visits, divided by TP for the sharded parts; plus
-the LM head's logits (``4 x s*b*V/TP`` fp32: logits, a float copy, the CE's copy and its grad).
-With activation checkpointing only the block inputs (``s*b*h`` per block) plus one block's
-activations are kept.
+scaled to the activation dtype): per block ``s*b*h*18 + 2*n*s*b*F*k`` with F the FFN width, k
+the experts a token visits and n = 2 (GELU) or 3 (SwiGLU) FFN-input tensors, divided by TP for
+the sharded parts, plus MoE dispatch buffers. No ``a*s^2*b`` attention-score term: the model's
+``scaled_dot_product_attention`` (flash / memory-efficient kernels, also on CPU) keeps no s x s
+matrix; measured, seq 256 x batch 4 peaks exactly where seq 128 x batch 8 does. The LM head's
+logits cost 12 bytes per ``s*b*V/TP`` element at the backward's start, measured in fp32
+(logits, the cross-entropy's saved log-probabilities, its gradient) and bf16 (bf16 logits and
+gradient, fp32 log-probabilities and gradient); TP>1 adds the fp32 copy megatron's in-place
+vocab-parallel cross-entropy needs (from the code, not measured). With activation checkpointing
+only the block inputs (``s*b*h`` per block) plus one block's activations are kept.
+
+The terms are summed, although gradients grow while activations shrink during the backward:
+that overstates fp32 runs, while bf16 runs keep fp32 temporaries the element count misses.
+Checked against the peak of live tensors in one CPU process (tests/train/test_estimate.py runs
+the trainer with glibc returning every freed tensor at once, so resident memory is live bytes,
+the same at every rerun; the trainer's CPU malloc cache and glibc's reuse of freed heap
+otherwise add 200-360 MiB that varies between reruns): RANGE for fp32/bf16, ZeRO-0/1/2,
+dense, top-1/top-2, vocabulary 8k/16k and batch 8/16 (README, "Planning"). Not measured:
+TP/EP > 1 and activation checkpointing.
 
 Traps: these are *model* bytes. A process also holds the framework itself (CPU: ~0.5-1 GB of
 libraries; GPU: the CUDA context, ~0.5 GB, outside ``max_memory_allocated``) and allocator
-slack; ``--runtime-mb`` adds a constant for it. tests/train/test_estimate.py holds the counts to
-a built model and the README records the memory check against measured runs.
+slack; ``--runtime-mb`` adds a constant for it. Checkpoint saving and evaluation add transient
+buffers that are not modelled.
 """
 
 from __future__ import annotations
@@ -63,6 +83,16 @@ def _expert_params(model, moe) -> tuple[int, int]:
     return total, tp_sharded
 
 
+def reduce_bucket_elements(train) -> int:
+    """Elements of the ZeRO-1/2 reduce buckets DeepSpeed allocates: the JSON's
+    ``reduce_bucket_size`` (else 5e8), twice with ``overlap_comm`` (double buffering)."""
+    from megamoe.train.ds_config import load_json
+
+    user = load_json(train.deepspeed_config) if train.deepspeed_config else {}
+    zero = user.get("zero_optimization", {})
+    return int(zero.get("reduce_bucket_size", 500_000_000)) * (2 if zero.get("overlap_comm", False) else 1)
+
+
 def estimate(run, world: int, micro_batch: int | None = None) -> dict:
     from megamoe.model.accounting import account
 
@@ -72,7 +102,7 @@ def estimate(run, world: int, micro_batch: int | None = None) -> dict:
     edp = dp // ep
     gas = t.grad_accumulation(dp)
     b = micro_batch or t.micro_batch_size
-    s, h, V, L, a = run.data.seq_length, m.hidden_size, m.vocab_size, m.num_layers, m.num_heads
+    s, h, V, L = run.data.seq_length, m.hidden_size, m.vocab_size, m.num_layers
     acc = account(m, moe)
     n_exp, n_exp_tp = _expert_params(m, moe) if moe.num_experts else (0, 0)
     n_dense = acc.total - n_exp
@@ -83,12 +113,13 @@ def estimate(run, world: int, micro_batch: int | None = None) -> dict:
     z = t.zero_stage
     weights = local * wbytes if z < 3 else (local_dense / dp + local_exp / edp) * wbytes
     part = local_dense / dp + local_exp / edp  # this rank's ZeRO partition (elements)
-    bucket = 5e8  # DeepSpeed's default reduce_bucket_size (elements)
-    if z == 0:
-        grads = local * wbytes
+    if z == 0:  # bf16/fp16: DeepSpeed's FP16_Optimizer flattens the gradients to fp32 at the step
+        grads = local * wbytes + (local * 4 if wbytes == 2 else 0)
         optim = local * 8 + (local * 4 if wbytes == 2 else 0)
     else:
-        grads = local * wbytes if z == 1 else part * 4 + min(bucket, local) * wbytes
+        bucket = reduce_bucket_elements(t) * wbytes if z in (1, 2) else 0
+        # ZeRO-1: full low-precision gradients, flattened to an fp32 partition at the step
+        grads = (local * wbytes + (part * 4 if wbytes == 2 else 0) if z == 1 else part * 4) + bucket
         optim = part * 12
     # activations
     ffn = m.ffn_hidden_size
@@ -101,13 +132,13 @@ def estimate(run, world: int, micro_batch: int | None = None) -> dict:
         else:
             f = ffn
         n_in = 3 if m.activation == "swiglu" else 2
-        per_block = s * b * h * (10 + 8 / tp) + s * b * f * n_in * 2 / tp + 2.5 * a * s * s * b / tp
+        per_block = s * b * h * (10 + 8 / tp) + s * b * f * n_in * 2 / tp
         if i in moe_layers:
             per_block += 2 * s * b * h * (moe.router.top_k if i not in moe.hash_layers else 1)  # dispatch buffers
         act_el += per_block
     if m.activation_checkpointing:
         act_el = L * s * b * h + act_el / L
-    act = act_el * wbytes + 4 * s * b * V / tp * 4
+    act = act_el * wbytes + s * b * V / tp * (12 if tp == 1 else 16)
     total = weights + grads + optim + act
     fpt = acc.flops_per_token(s)
     tokens_step = t.global_batch_size * s
@@ -165,8 +196,9 @@ def main(argv=None) -> int:
     run = load_run_config(args.config, ov)
     world = args.world or run.parallel.tensor_parallel * run.parallel.expert_parallel
     r = estimate(run, world)
-    r["memory_bytes_per_rank"]["runtime"] = args.runtime_mb * 2**20
-    r["memory_bytes_per_rank"]["total"] += args.runtime_mb * 2**20
+    if args.runtime_mb:
+        r["memory_bytes_per_rank"]["runtime"] = args.runtime_mb * 2**20
+        r["memory_bytes_per_rank"]["total"] += args.runtime_mb * 2**20
     lay, p, mem = r["layout"], r["params"], r["memory_bytes_per_rank"]
     print(f"layout     world={lay['world']} TP={lay['tp']} EP={lay['ep']} DP={lay['dp']} expert-DP={lay['expert_dp']} "
           f"ZeRO-{lay['zero_stage']} {lay['precision']} micro-batch={lay['micro_batch']} x accum "

@@ -33,14 +33,14 @@ gradient, fp32 log-probabilities and gradient); TP>1 adds the fp32 copy megatron
 vocab-parallel cross-entropy needs (from the code, not measured). With activation checkpointing
 only the block inputs (``s*b*h`` per block) plus one block's activations are kept.
 
-The terms are summed, although gradients grow while activations shrink during the backward:
-that overstates fp32 runs, while bf16 runs keep fp32 temporaries the element count misses.
-Checked against the peak of live tensors in one CPU process (tests/train/test_estimate.py runs
-the trainer with glibc returning every freed tensor at once, so resident memory is live bytes,
-the same at every rerun; the trainer's CPU malloc cache and glibc's reuse of freed heap
-otherwise add 200-360 MiB that varies between reruns): RANGE for fp32/bf16, ZeRO-0/1/2,
-dense, top-1/top-2, vocabulary 8k/16k and batch 8/16 (README, "Planning"). Not measured:
-TP/EP > 1 and activation checkpointing.
+The terms are summed, although gradients grow while activations shrink during the backward,
+which overstates fp32 runs. Checked against the peak of live tensors in one CPU process
+(tests/train/test_estimate.py runs the trainer with glibc returning every freed tensor at once,
+so resident memory is live bytes, the same at every rerun; the trainer's CPU malloc cache and
+glibc's reuse of freed heap otherwise add 200-360 MiB that varies between reruns): +7%..+13% for
+fp32 MoE and dense, ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k, batch 8/16; -0%..+4% for bf16
+dense (README, "Planning"). A bf16 MoE on CPU grows by oneDNN's cached kernel per expert batch
+shape and is not measurable this way. Not measured: TP/EP > 1 and activation checkpointing.
 
 Traps: these are *model* bytes. A process also holds the framework itself (CPU: ~0.5-1 GB of
 libraries; GPU: the CUDA context, ~0.5 GB, outside ``max_memory_allocated``) and allocator

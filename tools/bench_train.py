@@ -391,8 +391,10 @@ def main(argv=None) -> int:
             ts = [_time_steps(step, 0, args.steps, args.device) for _ in range(args.rounds)]
             import resource
 
-            use = resource.getrusage(resource.RUSAGE_SELF)  # Linux: ru_maxrss in KiB
-            print("RESULT " + json.dumps({"step_s_rounds": ts, "peak_rss_gib": use.ru_maxrss / 2**20,
+            from megamoe.train.report import peak_rss_mb
+
+            use = resource.getrusage(resource.RUSAGE_SELF)  # ru_maxrss would carry the parent's peak
+            print("RESULT " + json.dumps({"step_s_rounds": ts, "peak_rss_gib": peak_rss_mb() / 1024,
                                           "major_faults": use.ru_majflt}), flush=True)
             return 0
         peaks, blocks = {}, []

@@ -11,9 +11,10 @@ from tools.estimate import estimate
 def test_estimate_memory_and_params_vs_measured(tiny_data, tmp_path, monkeypatch):
     """Live bytes, measured exactly: glibc returns every freed tensor at once (the trainer's CPU
     malloc cache off, a fixed 64 KiB mmap threshold), so the peak resident memory above the
-    baseline is the peak of live tensors, equal to 0.1 MiB at every rerun. With glibc's
-    defaults one run's peak varied by 160 MiB from rerun to rerun (CI once failed at 862
-    MiB against 708 predicted), all of it allocator slack. The reduce bucket is set smaller
+    baseline is the peak of live tensors, equal to 0.1 MiB at every rerun. With the malloc cache
+    on, one run's peak varied by 160 MiB from rerun to rerun, all of it allocator slack (and CI
+    once failed at 862 MiB: the trainer read ru_maxrss, which carried pytest's own size;
+    tests/train/test_report.py). The reduce bucket is set smaller
     than the model, so all of it is touched: a CPU only counts the pages written. bf16 is
     checked on the dense model: a bf16 MoE on CPU grows by oneDNN's kernel per expert batch
     shape (+26 MiB a step at first; the README's "Planning").

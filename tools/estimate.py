@@ -39,8 +39,9 @@ which overstates fp32 runs. Checked against the peak of live tensors in one CPU 
 so resident memory is live bytes, the same at every rerun; the trainer's CPU malloc cache and
 glibc's reuse of freed heap otherwise add 200-360 MiB that varies between reruns): +7%..+13% for
 fp32 MoE and dense, ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k, batch 8/16; -0%..+4% for bf16
-dense (README, "Planning"). A bf16 MoE on CPU grows by oneDNN's cached kernel per expert batch
-shape and is not measurable this way. Not measured: TP/EP > 1 and activation checkpointing.
+dense; at 2 ranks DP=2 +7%, EP=2 +4%, TP=2 +25-29% (fp32) and +8% (bf16 dense) (README,
+"Planning"). A bf16 MoE on CPU grows by oneDNN's cached kernel per expert batch shape and is not
+measurable this way. Not measured: sequence parallelism and activation checkpointing.
 
 Traps: these are *model* bytes. A process also holds the framework itself (CPU: ~0.5-1 GB of
 libraries; GPU: the CUDA context, ~0.5 GB, outside ``max_memory_allocated``) and allocator

@@ -1,6 +1,7 @@
 """Plan a run before launching it: parameters, memory per rank, FLOPs, all-to-all traffic.
 
     python tools/estimate.py --config configs/moe_8x.yaml --world 64 [--tp 2 --ep 8 --zero 2] [a.b=c ...]
+    python tools/estimate.py --config configs/demo.yaml --world 2 --measure 3   # and check it here
 
 Prints (and with ``--json`` writes) for the config at a layout:
 - parameters: total / active (megamoe/model/accounting.py, the definition the trainer uses);
@@ -34,14 +35,14 @@ vocab-parallel cross-entropy needs (from the code, not measured). With activatio
 only the block inputs (``s*b*h`` per block) plus one block's activations are kept.
 
 The terms are summed, although gradients grow while activations shrink during the backward,
-which overstates fp32 runs. Checked against the peak of live tensors in one CPU process
-(tests/train/test_estimate.py runs the trainer with glibc returning every freed tensor at once,
-so resident memory is live bytes, the same at every rerun; the trainer's CPU malloc cache and
-glibc's reuse of freed heap otherwise add 200-360 MiB that varies between reruns): +7%..+13% for
-fp32 MoE and dense, ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k, batch 8/16; -0%..+4% for bf16
-dense; at 2 ranks DP=2 +7%, EP=2 +4%, TP=2 +25-29% (fp32) and +8% (bf16 dense) (README,
-"Planning"). A bf16 MoE on CPU grows by oneDNN's cached kernel per expert batch shape and is not
-measurable this way. Not measured: sequence parallelism and activation checkpointing.
+which overstates fp32 runs. Checked against the peak of live tensors on CPU
+(``tools/experiments/estimate_check.py``, README "Planning"; :func:`measure` runs the trainer
+with glibc returning every freed tensor at once, so resident memory is live bytes, the same at
+every rerun): +4%..+12% for fp32 MoE and dense at ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k,
+batch 8/16; -5%..-1% for bf16 dense; at 2 ranks DP=2 +5%, EP=2 +4%, TP=2 +24-27% (fp32) and
++4% (bf16 dense). The demo (MPO experts, capacity factor) is 15% under. A bf16 MoE on CPU grows
+by oneDNN's cached kernel per expert batch shape and is not measurable this way. Not measured:
+sequence parallelism and activation checkpointing.
 
 Traps: these are *model* bytes. A process also holds the framework itself (CPU: ~0.5-1 GB of
 libraries; GPU: the CUDA context, ~0.5 GB, outside ``max_memory_allocated``) and allocator
@@ -55,6 +56,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -163,6 +165,45 @@ def estimate(run, world: int, micro_batch: int | None = None) -> dict:
     }
 
 
+LIVE_BYTES_ENV = {"MEGAMOE_CPU_MALLOC_CACHE": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure(config: str, overrides: list[str], world: int, steps: int) -> dict:
+    """Train ``steps`` steps at this layout on this machine and return the run's summary (rank 0),
+    whose ``memory_mb`` is ``max_memory_allocated`` on a GPU and, on a CPU, the peak resident
+    memory with glibc returning every freed tensor at once (:data:`LIVE_BYTES_ENV`): the peak of
+    live tensors. Checkpoints and logs go to a temporary directory, removed afterwards."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from megamoe.errors import UserError
+    from megamoe.parallel import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "pretrain", "pretrain_moe.py")
+    with tempfile.TemporaryDirectory(prefix="megamoe-estimate-") as tmp:
+        ov = [*overrides, f"train.train_steps={steps}", f"train.save_dir={tmp}/ckpt", f"train.log_dir={tmp}/logs",
+              "train.eval_interval=0", "train.eval_iters=1", "train.save_full_model=false", "train.plot=false",
+              "train.tensorboard=false"]
+        env = {**os.environ, **LIVE_BYTES_ENV}
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env.setdefault("OMP_NUM_THREADS", "1")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                  "--master_port", str(free_port())] if world > 1 else [sys.executable]
+        p = subprocess.run([*launch, script, "--config", config, *ov], env=env, capture_output=True, text=True)
+        if p.returncode:
+            errors = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("error:")]
+            raise UserError(f"the measuring run failed ({errors[0] if errors else 'exit ' + str(p.returncode)})")
+        return json.loads(Path(tmp, "logs", "summary.json").read_text())
+
+
+def peak_above_baseline_mb(summary: dict) -> float:
+    return summary["memory_mb"]["peak"] - summary["memory_mb"]["baseline"]
+
+
 def _fmt(n: float) -> str:
     for unit, div in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= div:
@@ -181,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch_size")
     ap.add_argument("--runtime-mb", type=float, default=0.0, help="constant framework memory to add per rank")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--measure", type=int, default=0, metavar="STEPS",
+                    help="also train STEPS steps at this layout on this machine (--world ranks) and compare")
     ap.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = ap.parse_args(argv)
     from megamoe.run_config import load_run_config
@@ -210,6 +253,25 @@ def main(argv=None) -> int:
     print(f"compute    {r['flops_per_token'] / 1e9:.3f} GFLOP/token, {r['flops_per_step'] / 1e15:.3f} PFLOP/step "
           f"({r['tokens_per_step']:,} tokens/step)")
     print(f"all-to-all {_fmt(r['all_to_all_bytes_per_step_per_rank'])} per rank per step")
+    if args.measure:
+        if args.measure < 1:
+            from megamoe.errors import UserError
+
+            raise UserError(f"--measure {args.measure}: must be a number of steps >= 1")
+        got = peak_above_baseline_mb(measure(args.config, ov, world, args.measure))
+        want = mem["total"] / 2**20
+        import torch
+
+        bucket = reduce_bucket_elements(run.train) if run.train.zero_stage in (1, 2) else 0
+        if not torch.cuda.is_available() and bucket > p["per_rank"]:
+            # a CPU counts the pages written: the bucket's first per-rank-params elements
+            want -= (bucket - p["per_rank"]) * (4 if run.train.precision == "fp32" else 2) / 2**20
+            how = "predicted without the reduce bucket's unwritten pages, which a CPU does not count"
+        else:
+            how = "predicted"
+        r["measured_mb_rank0"] = got
+        print(f"measured   rank 0: {got:,.1f} MiB above the framework baseline; {how} {want:,.1f} MiB "
+              f"({(want - got) / got:+.0%})")
     if args.json:
         from megamoe.utils import atomic_write_text
 

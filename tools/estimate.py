@@ -30,8 +30,9 @@ the sharded parts, plus MoE dispatch buffers. No ``a*s^2*b`` attention-score ter
 matrix; measured, seq 256 x batch 4 peaks exactly where seq 128 x batch 8 does. The LM head's
 logits cost 12 bytes per ``s*b*V/TP`` element at the backward's start, measured in fp32
 (logits, the cross-entropy's saved log-probabilities, its gradient) and bf16 (bf16 logits and
-gradient, fp32 log-probabilities and gradient); TP>1 adds the fp32 copy megatron's in-place
-vocab-parallel cross-entropy needs (from the code, not measured). With activation checkpointing
+gradient, fp32 log-probabilities and gradient). At TP>1 megatron's vocab-parallel
+cross-entropy turns one fp32 copy into the softmax and then, in place, into the gradient: 8
+bytes (fp32 logits + that copy; bf16 logits, the copy and the bf16 gradient); the slope over V at TP=2 measured about 7. With activation checkpointing
 only the block inputs (``s*b*h`` per block) plus one block's activations are kept.
 
 The terms are summed, although gradients grow while activations shrink during the backward,
@@ -39,8 +40,9 @@ which overstates fp32 runs. Checked against the peak of live tensors on CPU
 (``tools/experiments/estimate_check.py``, README "Planning"; :func:`measure` runs the trainer
 with glibc returning every freed tensor at once, so resident memory is live bytes, the same at
 every rerun): +4%..+12% for fp32 MoE and dense at ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k,
-batch 8/16; -5%..-1% for bf16 dense; at 2 ranks DP=2 +5%, EP=2 +4%, TP=2 +24-27% (fp32) and
-+4% (bf16 dense). The demo (MPO experts, capacity factor) is 15% under. A bf16 MoE on CPU grows
+batch 8/16; -5%..-1% for bf16 dense; at 2 ranks DP=2 +5%, EP=2 +4%, TP=2 +6%..+11% (fp32)
+and -17%..-10% (bf16 dense: ~28 MiB per rank that does not grow with the batch, not itemised).
+The demo (MPO experts, capacity factor) is 15% under. A bf16 MoE on CPU grows
 by oneDNN's cached kernel per expert batch shape and is not measurable this way. Not measured:
 sequence parallelism and activation checkpointing.
 
@@ -141,7 +143,7 @@ def estimate(run, world: int, micro_batch: int | None = None) -> dict:
         act_el += per_block
     if m.activation_checkpointing:
         act_el = L * s * b * h + act_el / L
-    act = act_el * wbytes + s * b * V / tp * (12 if tp == 1 else 16)
+    act = act_el * wbytes + s * b * V / tp * (12 if tp == 1 else 8)
     total = weights + grads + optim + act
     fpt = acc.flops_per_token(s)
     tokens_step = t.global_batch_size * s

@@ -56,7 +56,12 @@ VARIANTS = [
     ("2 ranks, fp32 EP=2", 2, ["parallel.expert_parallel=2", "train.global_batch_size=16"]),
     ("2 ranks, fp32 TP=2", 2, ["parallel.tensor_parallel=2"]),
     ("2 ranks, fp32 dense TP=2", 2, DENSE + ["parallel.tensor_parallel=2"]),
+    ("2 ranks, fp32 dense TP=2, V=16000", 2, DENSE + ["parallel.tensor_parallel=2", "model.vocab_size=16000"]),
     ("2 ranks, bf16 dense TP=2", 2, BF16 + DENSE + ["parallel.tensor_parallel=2"]),
+    ("2 ranks, bf16 dense TP=2, V=16000", 2, BF16 + DENSE + ["parallel.tensor_parallel=2", "model.vocab_size=16000"]),
+    ("2 ranks, bf16 dense TP=2, micro-batch 16", 2, BF16 + DENSE + ["parallel.tensor_parallel=2",
+                                                                   "train.micro_batch_size=16",
+                                                                   "train.global_batch_size=16"]),
 ]
 STEPS = 3
 COMMAND = "python tools/experiments/estimate_check.py"

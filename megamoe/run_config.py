@@ -18,12 +18,20 @@ from megamoe.train.config import TrainConfig
 
 @dataclass(kw_only=True)
 class RunConfig:
+    """One run: a name and the five sections below, read from one YAML file."""
+
     name: str = "megamoe"
+    """Run name, shown in the report and the export's model card."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The decoder."""
     moe: MoEConfig = field(default_factory=MoEConfig)
+    """Which blocks are sparse and how they route."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / expert / sequence parallelism (data parallelism is what remains of the world)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Datasets, blend, split, sequence length."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimizer, batch, precision, ZeRO, checkpoints, logging."""
 
     def __post_init__(self):
         check_model_layout(self.model, self.moe, self.parallel)

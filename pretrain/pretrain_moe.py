@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 pretrain/pretrain_moe.py --config configs/demo.yaml [section.field=value ...]
     torchrun --nproc_per_node 2 pretrain/pretrain_moe.py --config configs/demo.yaml
     srun python pretrain/pretrain_moe.py --config configs/demo.yaml
+    python pretrain/pretrain_moe.py --help-config      # every config field: type, default, meaning
     DS_ACCELERATOR=cpu ... on machines without GPUs (gloo backend)
 """
 
@@ -14,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megamoe.config_docs import HelpConfigAction  # noqa: E402
 from megamoe.errors import cli_main  # noqa: E402
 
 
@@ -21,6 +23,8 @@ from megamoe.errors import cli_main  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
+    p.add_argument("--help-config", action=HelpConfigAction.make(),
+                   help="print every config section and field (type, default, allowed values, meaning) and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (also read from $LOCAL_RANK)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.train_steps=10")

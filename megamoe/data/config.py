@@ -23,17 +23,25 @@ def _is_number(s: str) -> bool:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # Megatron-style blend: [prefix] or [weight, prefix, weight, prefix, ...]
+    """Which indexed datasets a run trains on, how they are blended and split."""
+
     data_path: list[str] = field(default_factory=lambda: ["data/corpus_text_document"])
+    """Megatron-style blend: `[prefix]` or `[weight, prefix, weight, prefix, ...]` of
+    tools/preprocess_data.py outputs (PREFIX.bin / PREFIX.idx); weights need not sum to 1."""
     split: str = "969,30,1"
+    """train,valid,test shares of each prefix's documents."""
     seq_length: int = 512
+    """Tokens per training sequence (at most model.max_position_embeddings)."""
     seed: int = 1234
-    # None: use the tokenizer recorded in each prefix's metadata (PREFIX.json)
+    """Seed of megatron-core's document shuffle and sample order."""
     tokenizer_model: str | None = None
-    num_workers: int = 0  # DataLoader worker processes (0 = in the training process)
-    # where megatron-core caches its shuffle/sample indices; None: <first prefix's dir>/cache
+    """SentencePiece model; null: the tokenizer recorded in each prefix's PREFIX.json."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
     cache_dir: str | None = None
-    eod_mask_loss: bool = False  # zero the loss on EOD tokens
+    """Where megatron-core caches its shuffle/sample indices; null: <first prefix's dir>/cache."""
+    eod_mask_loss: bool = False
+    """Zero the loss on end-of-document tokens."""
 
     def __post_init__(self):
         check(self.seq_length > 0, "seq_length", self.seq_length, "must be > 0")

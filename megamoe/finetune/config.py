@@ -42,29 +42,47 @@ METHODS = ("lora", "poly", "cpoly", "tensorpoly1", "tensorpoly2", "mta")
 
 @dataclass(kw_only=True)
 class AdapterConfig:
+    """Task-routed adapters on a frozen base (the module docstring gives the defaults' reasons)."""
+
     method: Literal["lora", "poly", "cpoly", "tensorpoly1", "tensorpoly2", "mta"] = "lora"
+    """Adapter method."""
     num_tasks: int = 1
-    # Which projections get an adapter: names of the native model's linears
-    # (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or "all".
+    """Tasks T (set by tools/finetune.py from the task list)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    rank: int = 4                    # LoRA rank r (all LoRA-type methods)
-    alpha: float = 1.0               # scale alpha / r for every LoRA-family method (1: official Poly 1/r)
-    routing_lr: float = 0.1          # AdamW lr of the routing logits (mttl module_logits_learning_rate)
-    relaxed_bernoulli: bool = True   # sample routing in training (Poly); False = sigmoid (TensorPoly SOTA cfg)
-    temperature: float = 1.0         # relaxed-Bernoulli (Gumbel-sigmoid) temperature, training only
+    """Projections that get an adapter: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, or all."""
+    rank: int = 4
+    """LoRA rank r of every LoRA-family method."""
+    alpha: float = 1.0
+    """Scale alpha / r of every LoRA-family method (1 = the official Poly 1/r)."""
+    routing_lr: float = 0.1
+    """AdamW learning rate of the routing logits (mttl's module_logits_learning_rate)."""
+    relaxed_bernoulli: bool = True
+    """Sample the routing in training (Poly); false = sigmoid (TensorPoly's best setting)."""
+    temperature: float = 1.0
+    """Relaxed-Bernoulli (Gumbel-sigmoid) temperature, training only."""
     # Poly / MHR / C-Poly
-    num_skills: int = 4              # shared skill inventory S
-    num_splits: int = 1              # MHR blocks (1 = Poly); must divide in and out dims
-    private_skills: int = 1          # C-Poly private skills per task (0 = Poly)
+    num_skills: int = 4
+    """Shared skill inventory S (Poly, MHR, C-Poly; TensorPoly's tensor-rank components)."""
+    num_splits: int = 1
+    """MHR blocks (1 = Poly); must divide the in and out dims."""
+    private_skills: int = 1
+    """C-Poly private skills per task (0 = Poly)."""
     cpoly_route_private: bool = True
+    """C-Poly: private skills get learned routing logits too."""
     cpoly_normalize: Literal["joint", "separate"] = "separate"
+    """C-Poly: normalise shared and private weights separately (private at full weight) or jointly."""
     # TensorPoly-I/II (skills = num_skills tensor-rank components / per-order inventory)
-    tensor_order: int = 4            # leaves per Kronecker product: 1, 2 or 4 (official SOTA: 4)
+    tensor_order: int = 4
+    """TensorPoly leaves per Kronecker product (official best: 4)."""
     tensor_init: Literal["official", "zero"] = "official"
+    """TensorPoly init: the official one (not a no-op) or zero (the adapter starts as a no-op)."""
     # MTA (ALTER)
-    bottleneck: int = 16             # adapter width m (D -> m -> D)
-    mta_router: Literal["task"] = "task"   # router input: the task id (a learned [T, T] logit table)
-    mta_router_init: float = 3.0     # initial logit of a task's own adapter (others 0)
+    bottleneck: int = 16
+    """MTA adapter width m (D -> m -> D)."""
+    mta_router: Literal["task"] = "task"
+    """MTA router input: the task id (a learned [T, T] logit table)."""
+    mta_router_init: float = 3.0
+    """MTA: initial logit of a task's own adapter (the others start at 0)."""
 
     def __post_init__(self):
         check(self.method in METHODS, "method", self.method, "must be one of " + ", ".join(METHODS))

@@ -19,22 +19,40 @@ HashVariant = Literal[
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    """The decoder: sizes, attention, normalisation, positions, initialisation."""
+
     vocab_size: int = 32000
+    """Embedding rows; at least the tokenizer's vocabulary, divisible by tensor_parallel."""
     hidden_size: int = 256
+    """Model width D."""
     num_layers: int = 4
+    """Decoder blocks L."""
     num_heads: int = 4
-    num_kv_heads: int | None = None  # None -> num_heads (MHA); fewer -> grouped-query attention
+    """Attention heads (divides hidden_size and, for TP, is divisible by tensor_parallel)."""
+    num_kv_heads: int | None = None
+    """Key/value heads; null = num_heads (multi-head), fewer = grouped-query attention."""
     ffn_hidden_size: int = 688
+    """Width F of the dense FFN (and of each expert unless moe.expert_ffn_hidden_size)."""
     activation: Literal["swiglu", "gelu"] = "swiglu"
+    """FFN activation (gelu is tanh-approximate)."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation of the pre-norm blocks and the final norm."""
     norm_eps: float = 1e-5
+    """Epsilon of the norms."""
     position_embedding: Literal["rope", "learned"] = "rope"
+    """Rotary embeddings or a learned position table."""
     rope_theta: float = 10000.0
+    """RoPE base."""
     max_position_embeddings: int = 2048
+    """Longest sequence the model accepts (data.seq_length must not exceed it)."""
     tie_embeddings: bool = False
+    """Share the token embedding with the LM head."""
     bias: bool = False
+    """Biases in the attention and dense FFN linears."""
     init_std: float = 0.02
+    """Std of the normal init; o_proj/down_proj use init_std / sqrt(2 L)."""
     activation_checkpointing: bool = False
+    """Recompute each block in backward (saves activation memory, costs a forward)."""
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
@@ -65,9 +83,14 @@ class RouterConfig:
     """Learned top-k router (Switch when top_k=1)."""
 
     top_k: int = 1
-    capacity_factor: float = 1.25  # <= 0 means dropless
-    eval_capacity_factor: float = 2.0  # <= 0 means dropless
+    """Experts per token (1 = Switch)."""
+    capacity_factor: float = 1.25
+    """Training capacity per expert, ceil(cf x tokens x top_k / E) on each rank; <= 0 = dropless."""
+    eval_capacity_factor: float = 2.0
+    """Capacity factor in eval mode; <= 0 = dropless."""
     drop_policy: Literal["position", "probability"] = "probability"
+    """Who keeps a seat when an expert is over capacity: earlier tokens (position) or the
+    highest router probability (probability)."""
     # Combine weight of each chosen expert (p_k: router probability, S: sum of the K chosen p):
     #   prob              p_k                  (Switch paper; ~1/E at init, so an upcycled layer
     #                                           outputs ~FFN/E)
@@ -78,32 +101,47 @@ class RouterConfig:
     # Default straight_through: weights sum to 1 at any k, so an upcycled layer of identical
     # experts equals the dense FFN, while the router still learns through the combine.
     combine: Literal["prob", "renormalize", "straight_through"] = "straight_through"
+    """Combine weight of each chosen expert: prob (p_k, Switch), renormalize (p_k / sum, Mixtral,
+    top_k >= 2) or straight_through (value of renormalize, gradient of prob)."""
     # Router logits, softmax/top-k, combine weights and aux/z losses: fp32 whatever the model
     # dtype (bf16 rounding of logits flips top-k choices); "model" computes them in the input's
     # dtype (an ablation, not for training).
     dtype: Literal["fp32", "model"] = "fp32"
-    aux_loss_coef: float = 0.01  # micro-batch Switch loss (first choices of this rank's tokens)
+    """Precision of router logits, top-k and losses: fp32 whatever the model dtype, or the
+    model's dtype (an ablation)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch load-balancing loss (micro-batch, this rank's tokens)."""
     z_loss_coef: float = 0.001
-    jitter_eps: float = 0.0  # multiplicative U(1-eps, 1+eps) noise on router input in training
+    """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    jitter_eps: float = 0.0
+    """Multiplicative U(1-eps, 1+eps) noise on the router input in training (0 = off)."""
     # Further balancing (megamoe/moe/balance.py), all off by default:
-    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-level balance loss
-    global_aux_loss_coef: float = 0.0  # global-batch loss: expert counts summed over DP before it
+    seq_aux_loss_coef: float = 0.0
+    """Weight of the DeepSeek-V3 sequence-level balance loss (0 = off)."""
+    global_aux_loss_coef: float = 0.0
+    """Weight of the global-batch balance loss, expert counts summed over DP first (0 = off)."""
     # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the probabilities for the
     # top-k choice only, moved by rate * sign(mean load - load) after each optimizer step. 0 = off
     # (and no bias buffer: a checkpoint saved with it needs it on to load, and vice versa).
     expert_bias_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): rate of the selection-only expert bias (0 = off)."""
     # Fine-grained routing (megamoe/moe/router.py): score of expert e from its logit l_e,
     #   softmax       exp(l_e) / sum_j exp(l_j)   (Switch, Mixtral)
     #   sigmoid       1 / (1 + exp(-l_e))         (DeepSeek-V3)
     #   sqrtsoftplus  sqrt(log(1 + exp(l_e)))     (DeepSeek-V4)
     # The combine weights above are built from these scores ('prob' = the raw score).
     scoring: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"
-    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V3: 2.5)
+    """Expert score from its logit: softmax (Switch, Mixtral), sigmoid (DeepSeek-V3),
+    sqrtsoftplus (DeepSeek-V4)."""
+    routed_scaling_factor: float = 1.0
+    """Multiplies the combine weights (DeepSeek-V3: 2.5, V4: 1.5)."""
     # Group-limited top-k (DeepSeek-V3 node-limited routing): experts split into n_group
     # contiguous groups, each scored by the sum of its 2 best scores, the topk_group best groups
     # kept, top_k experts chosen inside them. n_group 0 or 1 = off.
     n_group: int = 0
+    """Group-limited top-k: number of contiguous expert groups (0 or 1 = off)."""
     topk_group: int = 0
+    """Group-limited top-k: how many best groups a token may choose from."""
 
     def __post_init__(self):
         check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
@@ -134,16 +172,24 @@ class HashConfig:
     """Token-id routing (Hash Layers, Roller et al. 2021)."""
 
     variant: HashVariant = "random"
-    num_hashes: int = 1  # > 1: MultiHash
-    counts_file: str | None = None  # unigram counts (tools/count_tokens.py); needed by 'balanced'
-    embedding_checkpoint: str | None = None  # needed by 'clustered' / 'dispersed'
-    # A prebuilt [num_hashes, K] int64 table (.npy, e.g. from tools/build_hash_table.py); when set,
-    # the table is read from it instead of being built (counts / checkpoint then not needed).
+    """How a token id maps to an expert (moe.md lists the rules)."""
+    num_hashes: int = 1
+    """> 1: MultiHash, each hash picks a block of the expert's FFN width."""
+    counts_file: str | None = None
+    """Train-split unigram counts from tools/count_tokens.py; needed by 'balanced'."""
+    embedding_checkpoint: str | None = None
+    """Checkpoint whose token embeddings are clustered; needed by 'clustered' / 'dispersed'."""
     table_file: str | None = None
+    """A prebuilt [num_hashes, K] int64 .npy (tools/build_hash_table.py) used instead of building
+    the table (counts / checkpoint then not needed)."""
     seed: int = 1234
+    """Seed of the random tables."""
     bigram_prime: int = 7919
-    allow_oracle: bool = False  # 'oracle_future' leaks the label: analysis only
+    """Multiplier of the previous id in the bigram hash."""
+    allow_oracle: bool = False
+    """Permit 'oracle_future', which routes by the label: analysis only."""
     expert_type: Literal["ffn", "mpo"] = "ffn"
+    """Experts of the hash layers: FFN or MPO."""
 
     def __post_init__(self):
         check(self.num_hashes >= 1, "num_hashes", self.num_hashes, "must be >= 1")
@@ -166,17 +212,24 @@ class HashMoEConfig:
     (k distinct experts per token id); the learned gate (``moe.router.weight``, scored by
     ``moe.router.scoring``) weights them, times ``moe.router.routed_scaling_factor``."""
 
-    layers: int = 0  # how many leading MoE blocks are hash-MoE routed (DeepSeek-V4: 3); 0 = off
-    top_k: int | None = None  # k experts per token id; None -> moe.router.top_k (as DeepSeek-V4)
+    layers: int = 0
+    """How many leading MoE blocks are hash-MoE routed (DeepSeek-V4: 3); 0 = off."""
+    top_k: int | None = None
+    """Distinct experts per token id; null = moe.router.top_k."""
     # random: k distinct experts per id, seeded; balanced: greedy over (id, slot) pairs by the
     # train-split unigram counts (tools/count_tokens.py), each id's k slots on distinct experts.
     variant: Literal["random", "balanced"] = "random"
-    counts_file: str | None = None  # needed by 'balanced'
-    table_file: str | None = None  # a prebuilt [V, k] int64 .npy instead of building the table
+    """Table construction: seeded random, or balanced by the train-split unigram counts."""
+    counts_file: str | None = None
+    """Unigram counts from tools/count_tokens.py; needed by 'balanced'."""
+    table_file: str | None = None
+    """A prebuilt [V, k] int64 .npy used instead of building the table."""
     seed: int = 1234
+    """Seed of the random table."""
     # Combine weight of chosen expert j: s_j / sum of the k chosen s (normalize=true, DeepSeek-V4's
     # norm_topk_prob) or s_j, times routed_scaling_factor; s = the gate's score of every expert.
     normalize: bool = True
+    """Normalise the gate's scores of the k chosen experts to sum 1 (DeepSeek-V4's norm_topk_prob)."""
 
     def __post_init__(self):
         check(self.layers >= 0, "layers", self.layers, "must be >= 0 (the number of leading MoE blocks; 0 = off)")
@@ -191,16 +244,22 @@ class MPOConfig:
     """Matrix-product-operator experts with one central tensor shared across a layer's experts."""
 
     num_tensors: int = 5
-    # Factorisations of (hidden_size, ffn_hidden_size); empty -> chosen automatically.
+    """Tensors in each MPO chain (the middle one is the shared central tensor)."""
     input_shape: list[int] = field(default_factory=list)
+    """Factorisation of hidden_size, one factor per tensor; empty = chosen automatically."""
     output_shape: list[int] = field(default_factory=list)
-    max_bond_dim: int = 0  # 0 -> no truncation (exact)
-    # none | skip (the paper's rule: with prob p a step leaves the central tensors and their
-    # optimizer state untouched) | bernoulli (element-wise gradient mask) | freeze; see grad_mask.py
+    """Factorisation of the expert FFN width, one factor per tensor; empty = chosen automatically."""
+    max_bond_dim: int = 0
+    """Truncate the bond dimensions to this (0 = exact, no truncation)."""
     grad_mask: Literal["none", "skip", "bernoulli", "freeze"] = "none"
+    """Central-tensor update rule: none; skip (the MPOE paper: with probability p a step leaves the
+    central tensors and their optimizer state untouched); bernoulli (element-wise gradient mask); freeze."""
     grad_mask_p: float = 0.5
+    """Probability p of the skip / bernoulli rule."""
     grad_mask_seed: int = 4321
-    central_lr_scale: float = 1.0  # separate LR for central tensors = lr * scale
+    """Seed of the mask draws (the same on every rank)."""
+    central_lr_scale: float = 1.0
+    """Learning rate of the central tensors = train.lr x this."""
 
     def __post_init__(self):
         check(self.num_tensors >= 2, "num_tensors", self.num_tensors, "must be >= 2")
@@ -219,22 +278,35 @@ class MoEConfig:
     """Which blocks are sparse and how. ``layers`` and ``every`` pick the MoE blocks;
     ``hash_layers`` (a subset) use token-id routing instead of the learned router."""
 
-    num_experts: int = 0  # 0 -> dense model
-    layers: list[int] | None = None  # explicit block indices
-    every: int = 0  # every k-th block (blocks k-1, 2k-1, ...); 1 -> all blocks
+    num_experts: int = 0
+    """Routed experts per MoE block E (0 = dense model)."""
+    layers: list[int] | None = None
+    """Explicit indices of the MoE blocks (or use every)."""
+    every: int = 0
+    """Every k-th block is MoE (blocks k-1, 2k-1, ...; 1 = all blocks; 0 = off)."""
     hash_layers: list[int] = field(default_factory=list)
-    expert_type: Literal["ffn", "mpo"] = "ffn"  # for learned-router layers
-    expert_ffn_hidden_size: int | None = None  # None -> model.ffn_hidden_size
+    """Blocks routed by token id (moe.hash) instead of the learned router; added to the MoE blocks."""
+    expert_type: Literal["ffn", "mpo"] = "ffn"
+    """Experts of the learned-router blocks: FFN or MPO (moe.mpo)."""
+    expert_ffn_hidden_size: int | None = None
+    """Width of each routed expert; null = model.ffn_hidden_size."""
     # Shared experts (DeepSeekMoE / Qwen2-MoE): N always-on FFN experts beside the routed ones in
     # every MoE block, run as one unbiased FFN of width N x shared_expert_ffn_hidden_size (the sum
     # of N FFNs is one FFN over their concatenated hidden units), TP-sharded like the dense FFN.
     shared_experts: int = 0
-    shared_expert_ffn_hidden_size: int | None = None  # None -> the routed experts' width
-    shared_expert_gate: bool = False  # Qwen2-MoE: output scaled by sigmoid(x . w), w [1, D]
+    """Always-on shared experts beside the routed ones in every MoE block (DeepSeekMoE, Qwen2-MoE)."""
+    shared_expert_ffn_hidden_size: int | None = None
+    """Width of each shared expert; null = the routed experts' width."""
+    shared_expert_gate: bool = False
+    """Scale the shared output by sigmoid(x . w) (Qwen2-MoE)."""
     router: RouterConfig = field(default_factory=RouterConfig)
+    """The learned router."""
     hash: HashConfig = field(default_factory=HashConfig)
+    """Token-id routing of moe.hash_layers (Hash Layers)."""
     hash_moe: HashMoEConfig = field(default_factory=HashMoEConfig)
+    """DeepSeek-V4 hash-MoE of the leading MoE blocks."""
     mpo: MPOConfig = field(default_factory=MPOConfig)
+    """MPO experts."""
 
     def __post_init__(self):
         check(self.num_experts >= 0, "num_experts", self.num_experts, "must be >= 0 (0 = dense)")
@@ -302,8 +374,12 @@ class ParallelConfig:
     and Megatron-core); expert params are replicated over DP / EP ranks."""
 
     tensor_parallel: int = 1
+    """Tensor-parallel size TP (megatron-core layers; keep it inside a node)."""
     expert_parallel: int = 1
+    """Expert-parallel size EP: experts sharded over EP of the data-parallel ranks; divides
+    moe.num_experts and the data-parallel size."""
     sequence_parallel: bool = False
+    """Split the residual stream and norms over the TP ranks along the sequence (needs TP > 1)."""
 
     def __post_init__(self):
         check(self.tensor_parallel >= 1, "tensor_parallel", self.tensor_parallel, "must be >= 1")

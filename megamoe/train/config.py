@@ -19,50 +19,85 @@ from megamoe.config import ConfigError, check
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """Optimizer, schedule, batch sizes, precision, ZeRO stage, checkpoints and logging."""
+
     micro_batch_size: int = 4
+    """Sequences per rank per forward/backward."""
     global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks; the gradient accumulation is
+    derived from it (global / (micro x DP)), never set."""
     train_steps: int = 100
+    """Optimizer steps of the whole run (a resume continues up to it)."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW), reached after warmup_steps."""
     min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
     warmup_steps: int = 10
+    """Linear warmup from 0 to lr."""
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from lr to min_lr over the steps after warmup."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not for the groups excluded by no_decay_*)."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.95
+    """AdamW beta2."""
     adam_eps: float = 1e-8
-    # Weight-decay exclusions (True = the group gets weight_decay=0).
+    """AdamW epsilon."""
     no_decay_norms: bool = True
+    """Norm weights get weight_decay 0."""
     no_decay_biases: bool = True
+    """Biases get weight_decay 0."""
     no_decay_embeddings: bool = True
-    grad_clip: float = 1.0  # 0 = no clipping
+    """Embeddings (token and position) get weight_decay 0."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16/fp16 keep fp32 master weights (fp16 is GPU-only, refused on CPU)."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage (3 only for dense models: DeepSpeed's MoE does not support it)."""
     seed: int = 1234
+    """Seed of the model initialisation and router jitter (the same on every rank)."""
 
     # evaluation
-    eval_interval: int = 50  # 0 = only at the end
-    eval_iters: int = 10  # micro-batches per rank per evaluation
+    eval_interval: int = 50
+    """Evaluate on the valid split every this many steps (0 = only at the end)."""
+    eval_iters: int = 10
+    """Micro-batches per rank per evaluation."""
 
     # checkpoints
     save_dir: str = "runs/megamoe/checkpoints"
-    save_interval: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1)
-    keep_last: int = 2  # 0 = keep all
-    load: str | None = None  # checkpoint dir to resume from; "auto" = save_dir if it has `latest`
-    save_full_model: bool = True  # also write model.safetensors (canonical full state dict, any layout)
-    init_from: str | None = None  # start from these weights (canonical full .safetensors); ignored on resume
+    """Where checkpoints (global_step{N}/ and `latest`) are written."""
+    save_interval: int = 0
+    """Save every this many steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 2
+    """Keep the newest this many checkpoints (0 = keep all)."""
+    load: str | None = None
+    """Checkpoint directory to resume from; "auto" = save_dir if it has `latest`; null = start fresh."""
+    save_full_model: bool = True
+    """Also write model.safetensors (the full fp32 model under canonical names) in each checkpoint."""
+    init_from: str | None = None
+    """Start from these weights (a canonical full .safetensors, e.g. from convert_from_hf); ignored on resume."""
 
     # logging
     log_dir: str = "runs/megamoe/logs"
+    """Where metrics.jsonl, TensorBoard events, summary.json and the loss curve go."""
     log_interval: int = 1
+    """Log metrics every this many steps."""
     tensorboard: bool = True
-    plot: bool = True  # loss-curve PNG at the end
+    """Write TensorBoard events under log_dir/tensorboard."""
+    plot: bool = True
+    """Write the loss-curve PNG at the end."""
 
-    # DeepSpeed JSON (optional); values present in both places must agree.
     deepspeed_config: str | None = None
+    """Optional DeepSpeed JSON for settings megamoe does not own (buckets, overlap); a value set
+    in both places must agree, and optimizer/scheduler sections are refused."""
 
     # resilience
     max_nonfinite_in_a_row: int = 5
-    exit_after_steps: int = 0  # >0: stop (and save) after this many steps of THIS run (tests, time limits)
+    """Stop with an error after this many optimizer steps in a row with a non-finite loss or gradient."""
+    exit_after_steps: int = 0
+    """>0: stop (and save) after this many steps of this run (time limits, tests); 0 = off."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size", "train_steps"):

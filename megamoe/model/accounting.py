@@ -115,22 +115,28 @@ def _no_bias(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, bias=False)
 
 
+def block_params(cfg: ModelConfig, moe: MoEConfig, index: int) -> tuple[int, int, int]:
+    """(total, active, matmul-equivalent) parameters of transformer block ``index``: its two
+    norms, attention and dense FFN or MoE part. The pipeline split weighs blocks by these."""
+    block = 2 * _norm(cfg) + _attention(cfg)
+    if index in moe.moe_layer_indices(cfg.num_layers):
+        t, a, m = moe_layer_params(cfg, moe, index)
+    else:
+        t = a = m = ffn_params(cfg, cfg.ffn_hidden_size)
+    return block + t, block + a, block + m
+
+
 def account(cfg: ModelConfig, moe: MoEConfig | None = None) -> Accounting:
     moe = moe or MoEConfig()
     D, V = cfg.hidden_size, cfg.vocab_size
     embedding = V * D + (cfg.max_position_embeddings * D if cfg.position_embedding == "learned" else 0)
     head = 0 if cfg.tie_embeddings else V * D
-    moe_layers = set(moe.moe_layer_indices(cfg.num_layers))
     total = active = matmul = 0
     for i in range(cfg.num_layers):
-        block = 2 * _norm(cfg) + _attention(cfg)
-        if i in moe_layers:
-            t, a, m = moe_layer_params(cfg, moe, i)
-        else:
-            t = a = m = ffn_params(cfg, cfg.ffn_hidden_size)
-        total += block + t
-        active += block + a
-        matmul += block + m
+        t, a, m = block_params(cfg, moe, i)
+        total += t
+        active += a
+        matmul += m
     tail = _norm(cfg) + head
     total += embedding + tail
     active_nonembedding = active + tail

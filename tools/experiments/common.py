@@ -131,7 +131,8 @@ def run_study(study: Study, out: Path, quick: bool, seeds: int, only: list[str] 
                        reused_from=arm.same_as)
         else:
             rec = run_one(study, arm, seed, out, quick)
-        atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+        # paths relative to the repository: committed results name no machine's directories
+        atomic_write_text(path, json.dumps(rec, indent=1).replace(f"{ROOT}/", "") + "\n")
         records.append(rec)
     return records
 

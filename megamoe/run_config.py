@@ -13,6 +13,7 @@ from pathlib import Path
 from megamoe import config as cfg
 from megamoe.data.config import DataConfig
 from megamoe.model.config import ModelConfig, MoEConfig, ParallelConfig, check_model_layout
+from megamoe.model.pipeline_layout import check_pipeline_config
 from megamoe.train.config import TrainConfig
 
 
@@ -27,7 +28,7 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Which blocks are sparse and how they route."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Tensor / expert / sequence parallelism (data parallelism is what remains of the world)."""
+    """Tensor / expert / sequence / pipeline parallelism (data parallelism is what remains of the world)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Datasets, blend, split, sequence length."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -35,6 +36,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_model_layout(self.model, self.moe, self.parallel)
+        check_pipeline_config(self.model, self.parallel, self.train.zero_stage)
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

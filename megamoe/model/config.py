@@ -369,9 +369,10 @@ class MoEConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """Layout: world = tensor_parallel x data_parallel; expert_parallel divides data_parallel
-    (experts are sharded over EP ranks taken from the data-parallel ranks, as in DeepSpeed-MoE
-    and Megatron-core); expert params are replicated over DP / EP ranks."""
+    """Layout: world = tensor_parallel x pipeline_parallel x data_parallel; expert_parallel
+    divides data_parallel (experts are sharded over EP ranks taken from the data-parallel ranks,
+    as in DeepSpeed-MoE and Megatron-core); expert params are replicated over DP / EP ranks.
+    Pipeline stages: megamoe/model/pipeline_layout.py (issue 27: planned, estimator only)."""
 
     tensor_parallel: int = 1
     """Tensor-parallel size TP (megatron-core layers; keep it inside a node)."""
@@ -380,20 +381,45 @@ class ParallelConfig:
     moe.num_experts and the data-parallel size."""
     sequence_parallel: bool = False
     """Split the residual stream and norms over the TP ranks along the sequence (needs TP > 1)."""
+    pipeline_parallel: int = 1
+    """Pipeline stages PP: blocks split over PP ranks in order, embedding on the first, head and
+    loss on the last. Planned (issue 27): training refuses PP > 1; tools/estimate.py plans it."""
+    virtual_stages: int = 1
+    """Chunks per stage for interleaved 1F1B (stage s holds chunks s, s+PP, ...); 1 = plain 1F1B."""
+    pipeline_layout: list[int] | None = None
+    """Blocks per chunk in model order, PP x virtual_stages counts summing to model.num_layers
+    (chunk c runs on stage c % PP; a count may be 0); null = pipeline_split decides."""
+    pipeline_split: Literal["balanced", "uniform"] = "balanced"
+    """Without pipeline_layout: 'balanced' evens the chunks' estimated FLOPs (MoE blocks and the
+    head weigh more); 'uniform' gives each chunk num_layers / (PP x virtual_stages) blocks."""
 
     def __post_init__(self):
         check(self.tensor_parallel >= 1, "tensor_parallel", self.tensor_parallel, "must be >= 1")
         check(self.expert_parallel >= 1, "expert_parallel", self.expert_parallel, "must be >= 1")
         check(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
               self.sequence_parallel, "needs tensor_parallel > 1")
+        check(self.pipeline_parallel >= 1, "pipeline_parallel", self.pipeline_parallel, "must be >= 1")
+        check(self.virtual_stages >= 1, "virtual_stages", self.virtual_stages, "must be >= 1")
+        check(self.virtual_stages == 1 or self.pipeline_parallel > 1, "virtual_stages", self.virtual_stages,
+              "interleaving needs pipeline_parallel > 1")
+        chunks = self.pipeline_parallel * self.virtual_stages
+        if self.pipeline_layout is not None:
+            check(len(self.pipeline_layout) == chunks, "pipeline_layout", self.pipeline_layout,
+                  f"needs pipeline_parallel x virtual_stages = {chunks} block counts, one per chunk")
+            check(all(n >= 0 for n in self.pipeline_layout), "pipeline_layout", self.pipeline_layout,
+                  "block counts must be >= 0")
 
     def data_parallel(self, world_size: int) -> int:
-        check(world_size % self.tensor_parallel == 0, "parallel.tensor_parallel", self.tensor_parallel,
-              f"must divide the world size {world_size}")
-        dp = world_size // self.tensor_parallel
+        """DP = world / (TP x PP); raises naming the field when the world does not divide."""
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        check(world_size % tp == 0, "parallel.tensor_parallel", tp, f"must divide the world size {world_size}")
+        check(world_size % (tp * pp) == 0, "parallel.pipeline_parallel", pp,
+              f"world size {world_size} must be divisible by tensor_parallel x pipeline_parallel = {tp} x {pp}")
+        dp = world_size // (tp * pp)
         check(dp % self.expert_parallel == 0, "parallel.expert_parallel", self.expert_parallel,
               f"must divide the data-parallel size {dp} (world {world_size} / tensor_parallel "
-              f"{self.tensor_parallel}); world size must be divisible by TP x EP")
+              f"{tp}" + (f" / pipeline_parallel {pp}" if pp > 1 else "") +
+              "); world size must be divisible by TP x EP" + (" x PP" if pp > 1 else ""))
         return dp
 
 

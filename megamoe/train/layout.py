@@ -9,6 +9,7 @@ sequence length vs positions, vocabulary vs tokenizer.
 from __future__ import annotations
 
 from megamoe.config import ConfigError
+from megamoe.model.pipeline_layout import check_pipeline_batches
 
 
 def validate_layout(run, world_size: int, tokenizer_vocab: int | None = None) -> dict:
@@ -24,7 +25,7 @@ def validate_layout(run, world_size: int, tokenizer_vocab: int | None = None) ->
         raise ConfigError("moe.num_experts", moe.num_experts, f"must be divisible by parallel.expert_parallel={ep}")
     if ep > 1 and not moe.num_experts:
         raise ConfigError("parallel.expert_parallel", ep, "needs moe.num_experts > 0")
-    gas = train.grad_accumulation(dp)
+    gas = check_pipeline_batches(par, train, dp)  # the accumulation, >= pipeline stages
     if data.seq_length > model.max_position_embeddings:
         raise ConfigError("data.seq_length", data.seq_length,
                           f"exceeds model.max_position_embeddings={model.max_position_embeddings}")

@@ -30,6 +30,7 @@ import torch
 from megamoe import comm, parallel
 from megamoe.config import to_dict
 from megamoe.errors import UserError
+from megamoe.model.pipeline_layout import refuse_until_implemented
 from megamoe.moe.balance import ExpertBiasBalancer
 from megamoe.train import checkpoint as ckpt
 from megamoe.train.ds_config import build_ds_config
@@ -130,6 +131,7 @@ class Trainer:
     def __init__(self, run):
         self.run = run
         t = run.train
+        refuse_until_implemented(run.parallel)  # PP > 1: one error line, before any group exists
         self.layout = parallel.init_parallel(run.parallel)
         world = self.layout.world
         info = validate_layout(run, world)

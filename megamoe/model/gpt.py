@@ -46,6 +46,7 @@ from megamoe.model.layers import (
     sync_sequence_parallel_grad,
 )
 from megamoe.model.mlp import MLP
+from megamoe.moe.dispatcher import recompute_contexts
 
 
 # The id used as "previous token" at position 0 by previous-token / bigram hash routing (the
@@ -137,7 +138,8 @@ class GPT(torch.nn.Module):
         stats = []
         for block in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                x_SBD, st = checkpoint(block, x_SBD, rope, routing, use_reentrant=False)
+                x_SBD, st = checkpoint(block, x_SBD, rope, routing, use_reentrant=False,
+                                       context_fn=recompute_contexts)
             else:
                 x_SBD, st = block(x_SBD, rope, routing)
             if st is not None:

@@ -157,4 +157,4 @@ class HashMoERouter(nn.Module):
         weights_TK = self.combine_weights(logits_TE, expert_ids_TK).float()
         return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK,
                             keep_TK=torch.ones_like(expert_ids_TK, dtype=torch.bool), lb_loss=zero,
-                            z_loss=z_loss(logits_TE).float(), probs_TE=None)
+                            z_loss=z_loss(logits_TE).float(), probs_TE=None, dropless=True)

@@ -316,4 +316,4 @@ class HashRouter(nn.Module):
         return RouterOutput(expert_ids_TK=expert_ids_TK.contiguous(),
                             weights_TK=torch.ones(expert_ids_TK.shape, dtype=torch.float32, device=x_TD.device),
                             keep_TK=torch.ones_like(expert_ids_TK, dtype=torch.bool),
-                            lb_loss=zero, z_loss=zero, probs_TE=None)
+                            lb_loss=zero, z_loss=zero, probs_TE=None, dropless=True)

@@ -163,8 +163,9 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, routing: RoutingContext | None = None) -> tuple[torch.Tensor, MoEStats]:
         x_TD = x.reshape(-1, self.hidden)
         r = self.route(x_TD, routing)
-        x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, self.slots(r.expert_ids_TK), r.weights_TK, r.keep_TK)
-        y_RD = self.experts(x_RD, counts_L)
+        x_RD, counts_L, plan = self.dispatcher.dispatch(x_TD, self.slots(r.expert_ids_TK), r.weights_TK, r.keep_TK,
+                                                        r.dropless)
+        y_RD = self.experts(x_RD, counts_L, plan.host_counts_L)
         y_TD = self.dispatcher.combine(y_RD, plan)
         y = y_TD.reshape(x.shape).to(x.dtype)
         if self.shared_expert is not None:

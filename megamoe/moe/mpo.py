@@ -326,13 +326,14 @@ class MPOExperts(nn.Module):
                           transpose=proj == "down_proj")
         return w.to(dtype)
 
-    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor, host_counts_L: list[int] | None = None
+                ) -> torch.Tensor:
         # W is built once per forward for all local experts (one tree per projection), then
         # the FFN experts' grouped path runs every slot, even empty ones: every rank gives
         # every parameter (the shared central tensors above all) a gradient at the same point
         # of backward, as ZeRO-1/2's ordered bucket reduction needs.
         ws = [self.weights(p) if p in self.projs else None for p in PROJS_SWIGLU]
-        return expert_ffn(x_RD, counts_L, *ws, self.num_blocks, self.backend)
+        return expert_ffn(x_RD, counts_L, *ws, self.num_blocks, self.backend, host_counts_L)
 
     # ---- full state dict, canonical names ----
     def full_keys(self, prefix: str) -> list[str]:

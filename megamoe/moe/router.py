@@ -82,6 +82,8 @@ class RouterOutput:
     weights_TK:    float [T, K] combine weight (1.0 for hash routing).
     keep_TK:       bool [T, K] False where capacity dropped the pair.
     lb_loss, z_loss: scalar fp32 tensors (0 for hash routing), unscaled.
+    dropless:      True when no pair can be dropped (``keep_TK`` all True): the dispatcher then
+                   needs no host sync to size its buffers.
     probs_TE:      router probabilities over the E experts (None for hash routing), for the
                    balance losses and statistics: the softmax, or the sigmoid / sqrtsoftplus
                    scores normalised per token to sum 1.
@@ -93,6 +95,7 @@ class RouterOutput:
     lb_loss: torch.Tensor
     z_loss: torch.Tensor
     probs_TE: torch.Tensor | None = None
+    dropless: bool = False
 
 
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -229,9 +232,11 @@ class LearnedRouter(nn.Module):
             priority_TK = torch.arange(T * K, device=logits_TE.device).view(K, T).t()
         else:
             priority_TK = -top_scores_TK.detach()
-        keep_TK = capacity_keep_mask(expert_ids_TK, priority_TK, E, capacity(T, K, E, factor))
+        seats = capacity(T, K, E, factor)
+        keep_TK = capacity_keep_mask(expert_ids_TK, priority_TK, E, seats)
         probs_TE = aux_probs(scores_TE, cfg.scoring)
         return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK.float(), keep_TK=keep_TK,
+                            dropless=seats is None,
                             lb_loss=load_balancing_loss(probs_TE, expert_ids_TK[:, 0]).float(),
                             z_loss=z_loss(logits_TE).float(), probs_TE=probs_TE)
 

@@ -26,7 +26,7 @@ class FixedRouter(nn.Module):
 class ScaleExperts(nn.Module):
     """Expert slot l multiplies its rows by (l + 1): checks rows reach the right expert."""
 
-    def forward(self, x_RD, counts_L):
+    def forward(self, x_RD, counts_L, host_counts_L=None):
         scale = torch.repeat_interleave(torch.arange(1.0, len(counts_L) + 1), counts_L)
         return x_RD * scale.unsqueeze(1)
 

@@ -96,15 +96,51 @@ def grouped_mm_fits(widths: tuple[int, ...], dtype: torch.dtype) -> bool:
     return all(w * size % 16 == 0 for w in widths)
 
 
+GROUPED_MM_MAX_GROUPS = 1024  # torch._grouped_mm's CUTLASS kernel takes at most this many groups
+
+
+def grouped_mm_is_fast(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs its CUTLASS kernel here: bf16 on compute capability
+    9.x / 10.x (H100, H200, B200). Any other dtype or GPU (fp32, fp16, bf16 on an A100) takes
+    torch's fallback, a loop over groups inside the op that reads the offsets back to the
+    host (about 9 host syncs per layer), slower than megamoe's own loop."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 def resolve_backend(backend: str, device: torch.device, widths: tuple[int, ...] = (),
-                    dtype: torch.dtype = torch.float32) -> str:
-    """``auto``: ``grouped_mm`` on CUDA where :func:`grouped_mm_fits` the row widths (else the
-    loop, which takes any shape), ``loop`` elsewhere."""
+                    dtype: torch.dtype = torch.float32, num_slots: int = 1) -> str:
+    """``auto``: ``grouped_mm`` where it is fast (:func:`grouped_mm_is_fast`), the row widths fit its
+    alignment (:func:`grouped_mm_fits`) and the slots are within its group limit; ``loop``
+    otherwise (any shape, any count). An explicit ``grouped_mm`` over the limit is refused."""
     if backend not in BACKENDS:
         raise UserError(f"experts backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "grouped_mm" if device.type == "cuda" and grouped_mm_fits(widths, dtype) else "loop"
+        fast = grouped_mm_is_fast(device, dtype) and grouped_mm_fits(widths, dtype)
+        return "grouped_mm" if fast and num_slots <= GROUPED_MM_MAX_GROUPS else "loop"
+    if backend == "grouped_mm" and num_slots > GROUPED_MM_MAX_GROUPS:
+        raise UserError(f"{num_slots} expert slots on one rank (moe.num_experts / parallel.expert_parallel x "
+                        f"MultiHash blocks) exceed torch._grouped_mm's {GROUPED_MM_MAX_GROUPS} groups: raise "
+                        "parallel.expert_parallel, or use the loop backend")
     return backend
+
+
+def misaligned_expert_weights(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Names of the FFN expert weights that ``torch._grouped_mm`` could be given (their rows fit
+    :func:`grouped_mm_fits`) whose storage does not start on a 16-byte boundary. DeepSpeed's
+    ZeRO-1/2 and bf16 optimizers make every parameter a view into one flat buffer per param
+    group, packed without padding, so a parameter of a size that is not a multiple of 8
+    elements (an MPO core, say) shifts every parameter after it; megamoe/train/engine.py
+    ``param_groups`` orders each group so those come last. The trainer asserts this list is
+    empty at start-up; the CPU kernel does not check alignment, CUDA's fails at the first step."""
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, FFNExperts):
+            widths = (m.hidden, m.ffn // m.tp_size // m.num_blocks)
+            if grouped_mm_fits(widths, dtype):
+                bad += [f"{name}.{p}" for p in m.projs if getattr(m, p).data_ptr() % 16]
+    return bad
 
 
 class LoopGroupedMM(torch.autograd.Function):
@@ -156,11 +192,17 @@ def grouped_mm(x_RK: torch.Tensor, w_SKN: torch.Tensor, counts_S: torch.Tensor |
 
 
 def expert_ffn(x_RD: torch.Tensor, counts_S: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
-               w_down: torch.Tensor, num_blocks: int, backend: str) -> torch.Tensor:
-    """The FFN of every slot on stacked ``[L, F', D]`` weights (module docstring layout)."""
+               w_down: torch.Tensor, num_blocks: int, backend: str, host_counts_S: list[int] | None = None
+               ) -> torch.Tensor:
+    """The FFN of every slot on stacked ``[L, F', D]`` weights (module docstring layout).
+    ``host_counts_S``: the counts on the host where the dispatcher already read them (the loop
+    needs host ints; reading ``counts_S`` again would be a second host sync)."""
     S, D = w_up.shape[0] * num_blocks, w_up.shape[2]
-    backend = resolve_backend(backend, x_RD.device, (D, w_up.shape[1] // num_blocks), w_up.dtype)
-    counts = counts_S if backend == "grouped_mm" else counts_S.tolist()
+    backend = resolve_backend(backend, x_RD.device, (D, w_up.shape[1] // num_blocks), w_up.dtype, S)
+    if backend == "grouped_mm":
+        counts = counts_S
+    else:
+        counts = host_counts_S if host_counts_S is not None else counts_S.tolist()
 
     def slots(w):  # [L, F', D] -> [S, F' / n, D], a view
         return w.view(S, -1, D)
@@ -222,9 +264,11 @@ class FFNExperts(nn.Module):
         rows = rows.to(w.device)
         return w.t().index_select(0, rows) if proj == "down_proj" else w.index_select(0, rows)
 
-    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor, host_counts_L: list[int] | None = None
+                ) -> torch.Tensor:
         ws = [getattr(self, p) if p in self.projs else None for p in PROJS_SWIGLU]
-        return self._leave(expert_ffn(self._enter(x_RD), counts_L, *ws, self.num_blocks, self.backend))
+        return self._leave(expert_ffn(self._enter(x_RD), counts_L, *ws, self.num_blocks, self.backend,
+                                      host_counts_L))
 
     # ---- full (unsharded) state dict, canonical names ----
     def full_keys(self, prefix: str) -> list[str]:

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from megamoe import comm, parallel
 from megamoe.config import ConfigError
+from megamoe.moe.experts import misaligned_expert_weights
 from megamoe.train.fragments import ensure_optimizer_state
 from megamoe.utils import print0
 
@@ -198,6 +199,8 @@ def param_groups(model, train, moe_cfg) -> list[dict]:
                        "name": f"{'nodecay' if no_decay else 'decay'}{'_central' if central else ''}"})
     if any(is_expert_param(p) for g in groups for p in g["params"]):
         groups = list(split_params_into_different_moe_groups_for_optimizer(groups))
+    for g in groups:  # 16-byte alignment inside ZeRO's flat buffers (experts.misaligned_expert_weights)
+        g["params"] = sorted(g["params"], key=lambda p: p.numel() % 8 != 0)
     return groups
 
 
@@ -257,6 +260,11 @@ def build_engine(model, run_cfg, layout, ds_config: dict):
         clip_inside_adamw(engine)
     # AdamW's moments now, before the first step's activations (fragments.ensure_optimizer_state)
     ensure_optimizer_state(engine.optimizer)
+    dtype = next(engine.module.parameters()).dtype
+    bad = misaligned_expert_weights(engine.module, dtype)
+    if bad:
+        raise RuntimeError(f"expert weights {bad} are not 16-byte aligned in DeepSpeed's flat {dtype} buffers: "
+                           "torch._grouped_mm would fail at the first CUDA step (param_groups' ordering broke)")
     if has_moe:
         c = check_deepspeed_moe(engine, model, layout.ep, planned)
         print0(f"deepspeed {c['deepspeed']}: {c['moe_layers']} MoE layers seen, experts reduced over expert-DP "

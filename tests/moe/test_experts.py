@@ -144,10 +144,12 @@ def test_loop_and_grouped_mm_agree_bitwise_in_layout():
         _close(g0[n], g1[n], n)
 
 
-def test_auto_keeps_grouped_mm_off_shapes_it_rejects():
+def test_auto_keeps_grouped_mm_off_shapes_it_rejects(monkeypatch):
     """``torch._grouped_mm`` needs 16-byte row strides (checked on CPU as on CUDA): D=18 in fp32
-    (72 bytes) raises mid-step, so ``auto`` must pick the loop for it on CUDA too."""
+    (72 bytes) raises mid-step, so ``auto`` must pick the loop for it on an H100 too."""
     from megamoe.moe.experts import grouped_mm_fits, resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
     d, f, slots = 18, 32, 4
     experts = FFNExperts(d, f, slots, backend="grouped_mm")
@@ -157,8 +159,7 @@ def test_auto_keeps_grouped_mm_off_shapes_it_rejects():
         experts(x, counts)
     cuda = torch.device("cuda")  # a device object only: no GPU needed
     assert not grouped_mm_fits((d, f), torch.float32)
-    assert resolve_backend("auto", cuda, (d, f), torch.float32) == "loop"
-    assert resolve_backend("auto", cuda, (16, 32), torch.float32) == "grouped_mm"
+    assert resolve_backend("auto", cuda, (d, f), torch.bfloat16) == "loop"  # 36 bytes
     assert resolve_backend("auto", cuda, (20, 32), torch.bfloat16) == "loop"  # 40 bytes
     assert resolve_backend("auto", cuda, (24, 32), torch.bfloat16) == "grouped_mm"
     # F / blocks is a slot's row width: 2 blocks of 36 bf16 rows are 72 bytes
@@ -166,6 +167,37 @@ def test_auto_keeps_grouped_mm_off_shapes_it_rejects():
     experts.backend = "auto"
     y = experts(x, counts)
     assert y.shape == (6, d) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("capability, dtype, expected", [
+    ((9, 0), torch.bfloat16, "grouped_mm"),  # H100 / H200: the CUTLASS kernel
+    ((10, 0), torch.bfloat16, "grouped_mm"),  # B200
+    ((9, 0), torch.float32, "loop"),  # fp32 / fp16: torch's per-group fallback, host syncs inside
+    ((9, 0), torch.float16, "loop"),
+    ((8, 0), torch.bfloat16, "loop"),  # A100: no kernel for SM80
+    ((12, 0), torch.bfloat16, "loop"),
+])
+def test_auto_picks_grouped_mm_only_for_bf16_on_sm90_sm100(monkeypatch, capability, dtype, expected):
+    from megamoe.moe.experts import resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_backend("auto", torch.device("cuda"), (64, 128), dtype) == expected
+    assert resolve_backend("auto", torch.device("cpu"), (64, 128), dtype) == "loop"
+
+
+def test_grouped_mm_group_limit(monkeypatch):
+    """At most 1024 groups per ``torch._grouped_mm`` call: ``auto`` takes the loop beyond, an
+    explicit ``grouped_mm`` is refused naming the fields to change."""
+    from megamoe.errors import UserError
+    from megamoe.moe.experts import GROUPED_MM_MAX_GROUPS, resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda, widths = torch.device("cuda"), (64, 128)
+    assert resolve_backend("auto", cuda, widths, torch.bfloat16, GROUPED_MM_MAX_GROUPS) == "grouped_mm"
+    assert resolve_backend("auto", cuda, widths, torch.bfloat16, GROUPED_MM_MAX_GROUPS + 1) == "loop"
+    assert resolve_backend("grouped_mm", cuda, widths, torch.bfloat16, GROUPED_MM_MAX_GROUPS) == "grouped_mm"
+    with pytest.raises(UserError, match="1025 expert slots.*parallel.expert_parallel"):
+        resolve_backend("grouped_mm", cuda, widths, torch.bfloat16, GROUPED_MM_MAX_GROUPS + 1)
 
 
 def test_loop_weight_grad_is_one_buffer():

@@ -337,3 +337,57 @@ def test_zero0_ep2_clips_like_one_process(tmp_path):
     # control: DeepSpeed's own ZeRO-0 norm at EP=2 misses one process's (measured 8e-4)
     off = max(abs(a - b) / b for a, b in zip(ep2["deepspeed_norms"], one["norms"]))
     assert off > 1e-4, (ep2["deepspeed_norms"], one["norms"])
+
+
+def _aligned_engine(rank, world, zero, ordered, out):
+    """bf16 engine over hash-layer MPO experts (cores of odd sizes) beside FFN experts, 3 experts
+    (an odd local count); writes the misaligned expert weights found after initialize."""
+    import json
+
+    import torch
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from megamoe import parallel
+    from megamoe.config import from_dict
+    from megamoe.model.gpt import build_model
+    from megamoe.moe.experts import misaligned_expert_weights
+    from megamoe.run_config import RunConfig
+    from megamoe.train import engine as engine_mod
+    from megamoe.train.ds_config import build_ds_config
+
+    run = from_dict(RunConfig, {
+        "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "ffn_hidden_size": 64,
+                  "max_position_embeddings": 32},
+        "moe": {"num_experts": 3, "layers": [1, 2], "hash_layers": [0],
+                "hash": {"variant": "random", "expert_type": "mpo"},
+                "mpo": {"num_tensors": 3, "input_shape": [2, 2, 8], "output_shape": [2, 4, 8], "max_bond_dim": 3}},
+        "data": {"seq_length": 16},
+        "train": {"micro_batch_size": 2, "global_batch_size": 2, "zero_stage": zero, "precision": "bf16"}})
+    layout = parallel.init_parallel(run.parallel)
+    model = build_model(run.model, run.moe, run.parallel).to(torch.bfloat16)
+    odd = [n for n, p in model.named_parameters() if p.numel() % 8]
+    if not ordered:  # what DeepSpeed packs without megamoe's ordering
+        original = engine_mod.param_groups
+        engine_mod.param_groups = lambda *a: [{**g, "params": sorted(g["params"], key=lambda p: p.numel() % 8 == 0)}
+                                              for g in original(*a)]
+        engine_mod.misaligned_expert_weights = lambda *a: []  # let it build, to count what it finds
+    engine, _, _ = engine_mod.build_engine(model, run, layout, build_ds_config(run.train, layout.dp, has_moe=True))
+    Path(out).write_text(json.dumps({"odd": odd, "bad": misaligned_expert_weights(engine.module, torch.bfloat16)}))
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_expert_weights_16_byte_aligned_in_deepspeed_bf16_buffers(tmp_path, zero):
+    """After ``deepspeed.initialize`` in bf16 at ZeRO-1/2 every FFN expert weight starts on a 16-byte
+    boundary, as ``torch._grouped_mm`` requires on CUDA (the CPU kernel does not check). The
+    control packs the odd-sized MPO cores first, as DeepSpeed would without megamoe's ordering of
+    each param group, and the FFN expert weights after them misalign: the check has teeth."""
+    import json
+
+    results = {}
+    for ordered in (True, False):
+        out = tmp_path / f"{zero}_{ordered}.json"
+        run_distributed(_aligned_engine, world_size=1, args=(zero, ordered, str(out)))
+        results[ordered] = json.loads(out.read_text())
+    assert results[True]["odd"], "the model must hold parameters of odd sizes"
+    assert results[True]["bad"] == []
+    assert results[False]["bad"], "control: without the ordering some expert weight must misalign"

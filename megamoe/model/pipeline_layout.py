@@ -37,13 +37,19 @@ Model Training on GPU Clusters Using Megatron-LM", section 2.2):
   statement: bubble / (ideal + bubble)), everywhere.
 
 Engine route (issue 27 item 3), from ../shared/design/pipeline.md (torch 2.13, deepspeed
-0.19.8, megatron-core 0.16.1, runs on CPU/gloo):
+0.19.8, megatron-core 0.16.1, runs on CPU/gloo) and tools/experiments/pipeline_route_probe.py:
 
 Recommended: torch.distributed.pipelining's ``PipelineStage`` + ``Schedule1F1B`` /
-``ScheduleInterleaved1F1B`` for the schedule, with every stage backward routed through
-megamoe's DeepSpeed engine. Why:
-- It is the only library here with both schedules the issue asks for that run on CPU/gloo:
-  both matched a one-process run exactly with ``(hidden, ids, aux_sum)`` between stages.
+``ScheduleInterleaved1F1B`` run the schedule; megamoe's DeepSpeed engine stays the optimizer,
+ZeRO-1 partitioner, clipper and checkpointer. Verified on a toy (tests/train/test_pipeline_route.py):
+the stages get the plain chunk modules (never the engine, whose output hooks scale each stage by
+1/GAS: pipeline.md's wrong ZeRO-1/2 updates), one engine per rank wraps the rank's chunks with
+``"managed_gradient_accumulation": false`` and one ``engine.step()`` after ``sched.step()``
+(reduce over the stage's DP ranks, clip, update), and the ``mpu`` reports TP x PP as the
+model-parallel group with the TP rank as its rank. Result: ZeRO-1 fp32, both schedules, clipping
+active, equal to one process within 6e-8; bf16 ZeRO-0/1 bit-equal to DeepSpeed's own one-rank
+path; PP=2 x DP=2 within 2.2e-7. Why this route:
+- It is the only library here with both schedules the issue asks for that run on CPU/gloo.
   DeepSpeed's PipelineEngine has one schedule (``TrainSchedule``, 1F1B) and one contiguous
   module partition per stage, so interleaving would mean new engine code; megatron-core's
   schedules allocate on CUDA and cannot run in CPU CI.
@@ -56,31 +62,28 @@ megamoe's DeepSpeed engine. Why:
   ``mpu is None`` and builds its own grid), its canonical parameter names and its universal
   checkpoint: a stage saves the canonical names of its blocks, so resharding across P is by
   name, as across TP and EP today.
-Its gaps (the next session's work, in this order):
-1. Unverified: DeepSpeed under the schedule. Run as is, the schedule's own
-   ``torch.autograd.backward`` gave wrong ZeRO-1/2 updates (ratio 0.93-1.48 to the reference)
-   and ZeRO-0 refused it, because DeepSpeed's 1/GAS scaling, accumulation boundary and ZeRO
-   gradient epilogue live in ``engine.backward``/``engine.step``. The plan: DeepSpeed
-   ``gradient_accumulation_steps = m`` (V chunks in one engine), each micro-batch's stage
-   backward as ``engine.backward((out * grad_out).sum())`` (same gradients as
-   ``out.backward(grad_out)``), ``scale_grads=False``, ``engine.step()`` once per micro-batch
-   as today. First thing to prove, with a 2-rank CPU test against one process.
+Its gaps (the next session's work):
+1. Not yet on megamoe's model: MoE dispatch inside a stage (EP all-to-all order with micro-batches
+   in flight), expert-bias counts, the MPO grad mask and the non-finite guard, which today hook
+   into each micro-batch's ``engine.backward``/``engine.step``, must move to the schedule's
+   ``loss_fn`` and to after ``sched.step()``.
 2. Static metadata: give ``input_args``/``output_args`` (else its shape inference runs the
    stage on placeholders, and an id-indexed embedding on stage 2 crashed).
 3. Tied embeddings: no facility; all-reduce the tied weight's gradient between the first and
-   last stage (megatron-core's ``get_embedding_group`` ranks).
-4. Groups: megatron-core ``initialize_model_parallel(pipeline_model_parallel_size=P)``, and
+   last stage (megatron-core's ``get_embedding_group`` ranks) before ``engine.step()``.
+4. Groups: megatron-core ``initialize_model_parallel(pipeline_model_parallel_size=P)``;
+   ``MegatronMPU`` must report TP x PP as the model-parallel group (rank = TP rank), and
    ``setup_expert_groups`` must pass P to DeepSpeed's ``_get_expert_parallel_ranks`` (it passes
-   1: expert-DP would span stages). ZeRO's norm sums over ``mpu.get_model_parallel_group()``,
-   which must then include PP for clipping by the true norm.
+   1: expert-DP would span stages).
+5. ZeRO-2 fails in its step (``KeyError: 0``): it reduces in hooks of engine-driven backwards.
 The fallback, DeepSpeed's PipelineEngine, is verified for 1F1B with ZeRO-0/1, tied weights
 (``TiedLayerSpec``), MoE under ZeRO-1 with EP groups inside a stage, and its own per-stage
 checkpoint files; its gaps: no interleaved schedule, ``train_batch()`` only (megamoe's per
 micro-batch hooks move into the module), no ``mpu``, fixed shapes, every float crossing a stage
 must reach the loss, ZeRO-0 clips by stage 0's norm only, and a new checkpoint layout.
-Both routes: ZeRO-2/3 are refused at P > 1 (the PipelineEngine asserts it; ZeRO-2 would
-reduce-scatter every micro-batch's gradients, m x ZeRO-1's traffic; megatron-core and
-DeepSeek-V3 pair PP with a ZeRO-1-like optimizer).
+Both routes: ZeRO-2/3 are refused at P > 1 (the PipelineEngine asserts it, the recommended route
+fails in ZeRO-2's step, and ZeRO-2 would reduce-scatter every micro-batch's gradients, m x
+ZeRO-1's traffic; megatron-core and DeepSeek-V3 pair PP with a ZeRO-1-like optimizer).
 """
 
 from __future__ import annotations

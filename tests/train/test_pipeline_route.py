@@ -1,0 +1,55 @@
+"""Issue 27's recommended engine route on a toy (tools/experiments/pipeline_route_probe.py):
+torch.distributed.pipelining's 1F1B and interleaved schedules with DeepSpeed's ZeRO engine as the
+optimizer (managed_gradient_accumulation false, one engine.step() after the schedule) equal one
+process after 3 AdamW steps with clipping active, in fp32 and in bf16 (against DeepSpeed's own
+one-rank path); ZeRO-2 does not run this way, which is why megamoe refuses it at PP > 1."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megamoe.parallel import free_port
+from tests.train.helpers import ROOT
+
+PROBE = ROOT / "tools" / "experiments" / "pipeline_route_probe.py"
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+
+
+def probe(*args, ranks=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(free_port()), str(PROBE), *args] if ranks else [sys.executable, str(PROBE), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    return p, (json.loads(lines[-1]) if lines else None)
+
+
+@pytest.mark.slow  # ~20 s per 2-rank run
+@pytest.mark.parametrize("virtual_stages", [1, 2])
+def test_schedules_under_zero1_equal_one_process(virtual_stages):
+    """Clipping is active (the reference's norms are ~1.24-1.28 > 1). A schedule that dropped the
+    1/m scale, scaled twice, or clipped by one stage's norm moves parameters by percent, against
+    a difference of <= 6e-8 measured."""
+    p, r = probe("--zero", "1", "--virtual-stages", str(virtual_stages), "--clip", "1.0")
+    assert p.returncode == 0 and r, p.stderr[-3000:]
+    assert min(r["reference_norms"]) > 1.0
+    assert r["max_rel_param_diff"] < 1e-6 and r["reference_moved"] > 1e-2, r
+    assert r["pipeline_norms"] == pytest.approx(r["reference_norms"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_bf16_equals_deepspeeds_own_path(tmp_path):
+    ref = tmp_path / "ref.pt"
+    p, _ = probe("--make-reference", str(ref), "--precision", "bf16", "--zero", "1", ranks=1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p, r = probe("--precision", "bf16", "--zero", "1", "--virtual-stages", "2", "--reference", str(ref))
+    assert p.returncode == 0 and r, p.stderr[-3000:]
+    assert r["max_rel_param_diff"] == 0.0 and r["pipeline_norms"] == pytest.approx(r["reference_norms"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_zero2_does_not_run_this_way():
+    p, r = probe("--zero", "2")
+    assert p.returncode != 0 and r is None and "KeyError" in p.stderr

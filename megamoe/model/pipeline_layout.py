@@ -265,9 +265,9 @@ def check_pipeline_config(model: ModelConfig, parallel: ParallelConfig, zero_sta
                           "needs a block (or give parallel.pipeline_layout, which may leave chunks empty)")
     if P > 1 and zero_stage >= 2:
         raise ConfigError("train.zero_stage", zero_stage,
-                          f"pipeline parallelism (parallel.pipeline_parallel={P}) runs with ZeRO-0 or 1: "
-                          "DeepSpeed's PipelineEngine refuses ZeRO-2/3 and ZeRO-2 would reduce-scatter every "
-                          "micro-batch's gradients; set train.zero_stage=1")
+                          f"pipeline parallelism (parallel.pipeline_parallel={P}) runs with ZeRO-0 or 1 (ZeRO-2 "
+                          "reduces gradients inside engine-driven backwards, which a pipeline schedule does not run; "
+                          "DeepSpeed's PipelineEngine refuses ZeRO-2/3 too); set train.zero_stage=1")
 
 
 def check_pipeline_batches(parallel: ParallelConfig, train, dp: int) -> int:

@@ -53,7 +53,8 @@ def test_dense_uniform_and_head_weighted():
     assert small.counts == [4, 4] and small.stage_blocks(0) == [0, 1, 2, 3]
     big = split_blocks(model(2560), MoEConfig(), par(pipeline_parallel=2), S)
     assert big.counts == [5, 3] and big.stage_blocks(1) == [5, 6, 7]
-    assert split_blocks(model(2560), MoEConfig(), par(pipeline_parallel=2, pipeline_split="uniform"), S).counts == [4, 4]
+    uniform = par(pipeline_parallel=2, pipeline_split="uniform")
+    assert split_blocks(model(2560), MoEConfig(), uniform, S).counts == [4, 4]
     assert big.has_embedding(0) and not big.has_embedding(1) and big.has_head(1) and not big.has_head(0)
 
 

@@ -61,7 +61,8 @@ def global_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, red
     """Global-batch loss: ``f`` from counts summed over the DP group when ``reduce``."""
     T, E = probs_TE.shape
     K = expert_ids_TK.shape[1]
-    counts = torch.cat([selection_counts(expert_ids_TK, E), torch.tensor([T], device=expert_ids_TK.device)])
+    # T joins the counts with a fill on the device: torch.tensor([T], device=...) copies host data in
+    counts = torch.cat([selection_counts(expert_ids_TK, E), expert_ids_TK.new_full((1,), T)])
     if reduce:
         counts = comm.all_reduce(counts, "sum", parallel.dp_group())
     dt = probs_TE.dtype

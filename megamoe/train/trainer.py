@@ -201,24 +201,24 @@ class Trainer:
         engine, gas = self.engine, self.info["gas"]
         if self.grad_mask is not None:
             self.grad_mask.set_step(self.step)  # all micro-batches of a step share one mask
-        sums = [0.0, 0.0, 0.0, 0.0]
+        sums = None  # (loss, lm, aux, z) summed over micro-batches, on the device: no host sync in the loop
         stats = []
-        nonfinite = False
         for micro in range(gas):
             batch = _to_device(next(it), self.device)
             out = engine(batch["input_ids"], batch["labels"], batch["loss_mask"])
             self.expert_bias.add(out.moe_stats)
-            vals = torch.stack([x.detach().float() for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)]).tolist()
-            nonfinite |= not all(math.isfinite(v) for v in vals)
-            sums = [a + b for a, b in zip(sums, vals)]
+            vals = torch.stack([x.detach().float() for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)])
+            sums = vals if sums is None else sums + vals  # a non-finite value keeps the sum non-finite
             engine.backward(out.loss)
             if micro == gas - 1 and self.run.train.zero_stage == 0:
-                self._zero0_guard(nonfinite)
+                self._zero0_guard(not bool(torch.isfinite(sums).all()))
             if self.grad_mask is not None:  # grad_mask=skip: the central tensors sit out skipped steps
                 self.grad_mask.engine_step(engine)
             else:
                 engine.step()
             stats = out.moe_stats
+        sums = sums.tolist()  # the step's one read of the losses
+        nonfinite = not all(math.isfinite(v) for v in sums)
         loss, lm, aux, z, bad = _dp_mean([s / gas for s in sums] + [float(nonfinite)])
         norm = engine.get_global_grad_norm()  # None where no norm is taken (ZeRO-0 without clipping)
         norm = float(norm) if norm is not None else float("nan")

@@ -1,0 +1,227 @@
+"""CUDA's and NCCL's rules, checked on a CPU run: a host-sync counter and a strict-NCCL mode.
+
+megamoe's CI has no GPU and the GPU machine it borrows has one, so NCCL's and CUDA's rules
+must be enforced where gloo and the CPU would let a violation pass.
+
+:class:`HostSyncCounter` (a ``TorchFunctionMode``) counts the calls that make a CUDA host
+wait for the device: ``.item()``, ``.tolist()``, ``bool()`` / ``int()`` / ``float()`` of a
+tensor, ``.cpu()`` / ``.numpy()``, ``nonzero`` and ``masked_select``, boolean-mask indexing,
+``repeat_interleave`` with tensor repeats and no ``output_size``, ``bincount`` / ``unique``
+(their output size is data), and tensors built from host data (``torch.tensor`` /
+``as_tensor``). A function mode, not a dispatch mode: on CPU ``.tolist()`` never reaches
+the dispatcher. Each count records the innermost megamoe frame, so a failing budget names
+the line. tests/test_strict.py holds the budget per MoE layer and per training step.
+
+Strict-NCCL mode (:func:`enable_strict_nccl`, on when ``MEGAMOE_STRICT_NCCL=1``; the test
+suite sets it for every rank it starts), three rules:
+
+1. **No host tensor reaches a collective.** NCCL takes CUDA tensors only. Every tensor built
+   from host data without a device (``torch.tensor(...)``, ``torch.zeros(n)``, ``.cpu()``, ...;
+   on a GPU run these are CPU tensors) is tagged, the tag follows ops whose tensor inputs are
+   all tagged, and a raw ``torch.distributed`` collective that receives a tagged tensor raises.
+   ``megamoe.comm`` is the sanctioned path: it moves a host control scalar to the group's
+   device itself, so its calls pass (its own placement rule is tested with CUDA mocked in
+   tests/test_comm.py).
+2. **Every rank of a group issues the same collectives in the same order.** torch's own
+   check: ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` wraps each process group in c10d's
+   ``ProcessGroupWrapper``, which compares each collective's fingerprint (sequence number,
+   op, shapes, dtypes) over the group before running it and raises on the first mismatch,
+   where NCCL would hang or corrupt silently.
+3. **A short collective timeout** (``MEGAMOE_STRICT_NCCL_TIMEOUT_S``, default 120 s, against
+   gloo's 30 minutes), so one rank working alone while the others wait in a collective fails
+   the run instead of passing slowly.
+
+Trap: the mode is process-wide and thread-local (torch's function-mode stack): collectives
+issued from another thread are not checked for host tensors (the fingerprint check still
+applies).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections import Counter
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+ENV = "MEGAMOE_STRICT_NCCL"
+TIMEOUT_ENV = "MEGAMOE_STRICT_NCCL_TIMEOUT_S"
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+# ---- host syncs -------------------------------------------------------------------------------
+_aten = torch.ops.aten
+_DATA_SIZED = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
+               _aten.bincount.default, _aten._unique2.default, _aten.unique_dim.default,
+               _aten.unique_consecutive.default, _aten.lift_fresh.default}
+_HOST_COPIES = ("tolist", "cpu", "numpy")  # Tensor methods that never reach the dispatcher on CPU
+
+
+def _is_sync(func, args, kwargs) -> bool:
+    if func in _DATA_SIZED:
+        return True
+    if func is _aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None
+    if func in (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default):
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+    return False
+
+
+_HOST_SIDE = os.path.join("torch", "utils", "data", "")  # data loading: host tensors by design, no device
+
+
+def _where() -> str | None:
+    """``file:line`` of the innermost megamoe frame of the caller (or the innermost frame); None
+    inside data loading, whose tensors are the host's own (no device to wait for)."""
+    frames = [f for f in traceback.extract_stack()[:-1] if f.filename != __file__]
+    if any(_HOST_SIDE in f.filename for f in frames):
+        return None
+    for f in reversed(frames):
+        if f.filename.startswith(_PACKAGE):
+            return f"{os.path.relpath(f.filename, os.path.dirname(_PACKAGE))}:{f.lineno}"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """``with HostSyncCounter() as c: ...``; then ``c.total`` and ``c.sites`` ({"file:line op": n}).
+
+    A dispatch mode, so autograd's backward and activation recompute are counted too (a
+    function mode is cleared inside the engine); ``.tolist()`` / ``.cpu()`` / ``.numpy()``,
+    which skip the dispatcher on CPU tensors, are counted by patching them while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: Counter = Counter()
+        self._saved = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+    def _count(self, what: str) -> None:
+        where = _where()
+        if where is not None:
+            self.sites[f"{where} {what}"] += 1
+
+    def __enter__(self):
+        for name in _HOST_COPIES:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def patched(t, *a, _original=original, _name=name, **k):
+                self._count(_name)
+                return _original(t, *a, **k)
+
+            setattr(torch.Tensor, name, patched)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_sync(func, args, kwargs):
+            self._count(str(func.overloadpacket.__name__))
+        return func(*args, **kwargs)
+
+
+# ---- strict NCCL ------------------------------------------------------------------------------
+_FACTORIES = {torch.tensor, torch.as_tensor, torch.from_numpy, torch.zeros, torch.ones, torch.empty, torch.full,
+              torch.arange, torch.linspace, torch.rand, torch.randn, torch.randint, torch.eye}
+_HOST = "_megamoe_host"  # attribute set on tensors that a GPU run would hold on the host
+
+
+class HostTensorTagger(TorchFunctionMode):
+    """Tags tensors made on the host (see the module docstring, rule 1)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _FACTORIES:
+            host = kwargs.get("device") is None and not (func in (torch.tensor, torch.as_tensor) and args
+                                                         and isinstance(args[0], torch.Tensor))
+        elif func in (_T.cpu, _T.numpy):
+            host = True
+        else:
+            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            host = bool(inputs) and all(getattr(a, _HOST, False) for a in inputs)
+        if host:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+                    try:
+                        setattr(t, _HOST, True)
+                    except (AttributeError, RuntimeError):  # e.g. tensors without a __dict__
+                        pass
+        return out
+
+
+def is_host_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, _HOST, False)
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+                "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
+                "isend", "irecv")
+_COMM = os.path.join(_PACKAGE, "comm.py")
+_state: dict = {}
+
+
+class HostTensorInCollective(RuntimeError):
+    pass
+
+
+def _checked(name, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename != _COMM:  # megamoe.comm places its tensors itself
+            hosts = [t for t in tree_flatten((args, kwargs))[0] if is_host_tensor(t)]
+            if hosts:
+                raise HostTensorInCollective(
+                    f"strict NCCL: torch.distributed.{name} got a tensor built on the host "
+                    f"({tuple(hosts[0].shape)} {hosts[0].dtype}) at {_where()}; NCCL rejects CPU tensors: create it "
+                    "on the model's device, or send it through megamoe.comm, which places it")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def strict_nccl_requested() -> bool:
+    return os.environ.get(ENV, "0") not in ("", "0")
+
+
+def strict_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "120")))
+
+
+def prepare_strict_nccl() -> None:
+    """Before ``init_process_group``: groups made from now on get c10d's fingerprint wrapper."""
+    dist.set_debug_level(dist.DebugLevel.DETAIL)
+
+
+def enable_strict_nccl() -> None:
+    """Rules 1 and 3 for this process (rule 2 comes from :func:`prepare_strict_nccl`). Idempotent."""
+    if _state.get("enabled"):
+        return
+    _state["enabled"] = True
+    for name in _COLLECTIVES:
+        for module in (dist, dist.distributed_c10d):
+            fn = getattr(module, name, None)
+            if fn is not None and not getattr(fn, "_megamoe_checked", False):
+                wrapped = _checked(name, fn)
+                wrapped._megamoe_checked = True
+                setattr(module, name, wrapped)
+    _state["tagger"] = HostTensorTagger()
+    _state["tagger"].__enter__()
+
+
+def strict_nccl_enabled() -> bool:
+    return bool(_state.get("enabled"))
+
+

@@ -21,11 +21,13 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamoe import strict
 from megamoe.model.config import ParallelConfig
 from megamoe.utils import keep_freed_cpu_memory, skip_deepspeed_shm_op
 
@@ -49,9 +51,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> None:
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed from launcher env vars (deepspeed/torchrun/srun), or a
-    world of one when launched as a plain ``python`` process."""
+    world of one when launched as a plain ``python`` process. ``timeout_minutes`` bounds every
+    collective of the world group; megatron-core's groups get it from :func:`init_parallel`.
+    Under ``MEGAMOE_STRICT_NCCL=1`` (the test suite) megamoe.strict's rules apply, with their
+    short timeout."""
     if dist.is_initialized():
         return
     skip_deepspeed_shm_op()
@@ -69,13 +74,19 @@ def init_distributed(backend: str | None = None) -> None:
         torch.cuda.set_device(_device_ordinal())
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # DeepSpeed asserts LOCAL_RANK
+    timeout = timedelta(minutes=timeout_minutes)
+    if strict.strict_nccl_requested():
+        strict.prepare_strict_nccl()
+        timeout = strict.strict_timeout()
     if os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
         # A world of one on a private port, NOT exported as MASTER_PORT: child processes
         # (tests, tools) would inherit a port this process holds and fail with EADDRINUSE.
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1)
+                                rank=0, world_size=1, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    if strict.strict_nccl_requested():
+        strict.enable_strict_nccl()
 
 
 def _device_ordinal() -> int:
@@ -100,7 +111,7 @@ def init_parallel(parallel: ParallelConfig, backend: str | None = None) -> Layou
     """Create the TP/EP/DP groups in megatron-core's parallel_state; returns the layout."""
     from megatron.core import parallel_state as ps
 
-    init_distributed(backend)
+    init_distributed(backend, parallel.timeout_minutes)
     world = dist.get_world_size()
     dp = parallel.data_parallel(world)  # raises ConfigError naming the field
     if ps.model_parallel_is_initialized():
@@ -110,8 +121,16 @@ def init_parallel(parallel: ParallelConfig, backend: str | None = None) -> Layou
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=parallel.tensor_parallel,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=_group_timeout_minutes(parallel.timeout_minutes),
     )
     return Layout(world=world, tp=parallel.tensor_parallel, ep=parallel.expert_parallel, dp=dp)
+
+
+def _group_timeout_minutes(configured: float) -> float:
+    """megatron-core's groups: the configured timeout, or strict mode's short one."""
+    if strict.strict_nccl_requested():
+        return strict.strict_timeout().total_seconds() / 60
+    return configured
 
 
 def init_cpu_parallel(parallel: ParallelConfig | None = None) -> Layout:

@@ -147,8 +147,8 @@ class HostTensorTagger(TorchFunctionMode):
         if func in _FACTORIES:
             host = kwargs.get("device") is None and not (func in (torch.tensor, torch.as_tensor) and args
                                                          and isinstance(args[0], torch.Tensor))
-        elif func in (_T.cpu, _T.numpy):
-            host = True
+        elif func is torch.Tensor.cpu:
+            host = out is not args[0]  # a CPU run's .cpu() returns its input: tagging it would tag a device tensor
         else:
             inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
             host = bool(inputs) and all(getattr(a, _HOST, False) for a in inputs)
@@ -177,10 +177,23 @@ class HostTensorInCollective(RuntimeError):
     pass
 
 
+_TORCH = os.path.dirname(torch.__file__)
+
+
+def _caller_file() -> str:
+    """The first file up the stack outside torch and this module (torch's function-mode handling
+    re-enters a wrapped collective from its own frames)."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith(_TORCH)):
+        frame = frame.f_back
+    return frame.f_code.co_filename if frame is not None else ""
+
+
 def _checked(name, fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if sys._getframe(1).f_code.co_filename != _COMM:  # megamoe.comm places its tensors itself
+        if _caller_file() != _COMM:  # megamoe.comm places its tensors itself
             hosts = [t for t in tree_flatten((args, kwargs))[0] if is_host_tensor(t)]
             if hosts:
                 raise HostTensorInCollective(

@@ -389,6 +389,11 @@ class ParallelConfig:
     pipeline_layout: list[int] | None = None
     """Blocks per chunk in model order, PP x virtual_stages counts summing to model.num_layers
     (chunk c runs on stage c % PP; a count may be 0); null = pipeline_split decides."""
+    timeout_minutes: float = 30.0
+    """How long a collective waits for the slowest rank before the run fails (every process group:
+    torch's default is 10 min for NCCL). No rank works alone for minutes: a save's consolidation
+    is shared by all ranks. Raise it for a slow shared filesystem or a first index build of a huge
+    corpus (rank 0 builds, the others wait)."""
     pipeline_split: Literal["balanced", "uniform"] = "balanced"
     """Without pipeline_layout: 'balanced' evens the chunks' estimated FLOPs (MoE blocks and the
     head weigh more); 'uniform' gives each chunk num_layers / (PP x virtual_stages) blocks."""
@@ -399,6 +404,7 @@ class ParallelConfig:
         check(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
               self.sequence_parallel, "needs tensor_parallel > 1")
         check(self.pipeline_parallel >= 1, "pipeline_parallel", self.pipeline_parallel, "must be >= 1")
+        check(self.timeout_minutes > 0, "timeout_minutes", self.timeout_minutes, "must be > 0")
         check(self.virtual_stages >= 1, "virtual_stages", self.virtual_stages, "must be >= 1")
         check(self.virtual_stages == 1 or self.pipeline_parallel > 1, "virtual_stages", self.virtual_stages,
               "interleaving needs pipeline_parallel > 1")

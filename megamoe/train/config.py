@@ -54,6 +54,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 = no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision; bf16/fp16 keep fp32 master weights (fp16 is GPU-only, refused on CPU)."""
+    allow_tf32: bool = True
+    """fp32 training on a GPU: matmuls in TF32 (10-bit mantissa products, fp32 accumulation), as
+    Megatron and torchtitan train; false keeps full fp32 matmuls. No effect on CPU, bf16 or fp16."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (3 only for dense models: DeepSpeed's MoE does not support it)."""
     seed: int = 1234

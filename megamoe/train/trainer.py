@@ -43,6 +43,16 @@ from megamoe.train.signals import StopFlag
 from megamoe.utils import print0, progress
 
 
+def set_matmul_precision(train) -> str | None:
+    """TF32 for fp32 training on CUDA unless ``train.allow_tf32`` is false (torch's default is full
+    fp32 matmuls). Returns the precision set, None where nothing applies (CPU, bf16, fp16)."""
+    if not torch.cuda.is_available() or train.precision != "fp32":
+        return None
+    precision = "high" if train.allow_tf32 else "highest"
+    torch.set_float32_matmul_precision(precision)
+    return precision
+
+
 def _dp_mean(values: list[float]) -> list[float]:
     return comm.floats_mean(values, parallel.dp_group())
 
@@ -139,6 +149,7 @@ class Trainer:
         parallel.seed_everything(t.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        set_matmul_precision(t)
 
         import deepspeed  # noqa: F401  (imported before the baseline below)
 

@@ -142,3 +142,20 @@ def test_summary_prints_a_tensorboard_command_that_runs_verbatim(monkeypatch, tm
     (tmp_path / "tensorboard").write_text("#!/bin/sh\n")
     (tmp_path / "tensorboard").chmod(0o755)
     assert tensorboard_command() == "tensorboard"
+
+
+def test_tf32_for_fp32_training_on_cuda_unless_refused(monkeypatch):
+    import torch
+
+    from megamoe.train.config import TrainConfig
+    from megamoe.train.trainer import set_matmul_precision
+
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert set_matmul_precision(TrainConfig()) == "high"  # fp32, the default: TF32
+    assert set_matmul_precision(TrainConfig(allow_tf32=False)) == "highest"
+    assert set_matmul_precision(TrainConfig(precision="bf16")) is None
+    assert calls == ["high", "highest"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert set_matmul_precision(TrainConfig()) is None

@@ -13,7 +13,7 @@ Layout of ``save_dir``::
         megamoe_config.yaml          the full resolved config
         megamoe_meta.json            the layout that wrote it (TP, EP, DP, ZeRO stage, format)
         model.safetensors            (train.save_full_model) the full fp32 model, streamed from the
-                                     shards by rank 0, one tensor at a time
+                                     shards one tensor at a time, each rank writing 1 / world of it
         COMPLETE                     marker, written after every rank finished
 
 Resume under another layout (TP, EP, DP size, ZeRO stage 0-3): every rank rebuilds its local
@@ -193,6 +193,8 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, config_dic
     torch.save(rng_state(), d / f"megamoe_rank{rank}.pt")
     _maybe_crash()
     comm.barrier()
+    if full_model:  # every rank writes its share: no rank works alone while the others wait
+        uni.consolidate(d, d / "model.safetensors", rank=rank, world=dist.get_world_size(), barrier=comm.barrier)
     if rank == 0:
         sched = {"last_epoch": scheduler.last_epoch, "_step_count": scheduler._step_count} if scheduler else None
         counters = {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps")}
@@ -204,8 +206,6 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, config_dic
              "tp_size": parallel.tp_size(), "ep_size": parallel.ep_size(),
              "zero_stage": engine.zero_optimization_stage()}))
         _write_script(save_dir)
-        if full_model:
-            uni.consolidate(d, d / "model.safetensors")
         (d / "COMPLETE").write_text(tag + "\n")
         atomic_write_text(save_dir / "latest", tag)
         _prune(save_dir, keep_last)

@@ -59,36 +59,81 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def write_safetensors(path: Path, entries: list, metadata: dict | None = None) -> dict:
-    """Stream ``entries`` = [(name, dtype, shape, fetch)] into a safetensors file, calling each
-    ``fetch()`` only when its bytes are due. Atomic (temp + rename). Returns {name: crc32}."""
-    header, pos = {}, 0
+def _header(entries: list, metadata: dict | None) -> tuple[bytes, list[int]]:
+    """(the safetensors header bytes, each entry's data offset), the same on every rank."""
+    header, pos, offsets = {}, 0, []
     for name, dtype, shape, _ in entries:
         n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets.append(pos)
         pos += n
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets + [pos]
+
+
+def _fetched_bytes(name: str, dtype, shape, fetch) -> memoryview:
+    t = fetch()
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise RuntimeError(f"{name}: fetched {t.dtype}{tuple(t.shape)}, header says {dtype}{tuple(shape)}")
+    return _bytes(t)
+
+
+def write_safetensors(path: Path, entries: list, metadata: dict | None = None) -> dict:
+    """Stream ``entries`` = [(name, dtype, shape, fetch)] into a safetensors file, calling each
+    ``fetch()`` only when its bytes are due. Atomic (temp + rename). Returns {name: crc32}."""
+    head, _ = _header(entries, metadata)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     crcs = {}
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, dtype, shape, fetch in entries:
-            t = fetch()
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"{name}: fetched {t.dtype}{tuple(t.shape)}, header says {dtype}{tuple(shape)}")
-            b = _bytes(t)
-            crcs[name] = zlib.crc32(b)
+        f.write(head)
+        for entry in entries:
+            b = _fetched_bytes(*entry)
+            crcs[entry[0]] = zlib.crc32(b)
             f.write(b)
-            del t, b
+            del b
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return crcs
+
+
+def share_by_size(sizes: list[int], world: int) -> list[list[int]]:
+    """Entry indices per rank, largest first to the least-loaded rank (deterministic)."""
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        shares[r].append(i)
+        loads[r] += sizes[i]
+    return shares
+
+
+def write_safetensors_shared(path: Path, entries: list, metadata: dict | None, rank: int, world: int,
+                             barrier) -> None:
+    """:func:`write_safetensors` by ``world`` ranks at once, each writing its share of the entries
+    (:func:`share_by_size`) at their offsets in one file that rank 0 sized; collective (``barrier``
+    between the steps). Atomic like the single-writer form: rank 0 renames after the last barrier."""
+    head, offsets = _header(entries, metadata)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if rank == 0:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + offsets[-1])
+    barrier()
+    mine = share_by_size([offsets[i + 1] - offsets[i] for i in range(len(entries))], world)[rank]
+    with open(tmp, "r+b") as f:
+        for i in sorted(mine):
+            f.seek(len(head) + offsets[i])
+            f.write(_fetched_bytes(*entries[i]))
+        f.flush()
+        os.fsync(f.fileno())
+    barrier()
+    if rank == 0:
+        os.replace(tmp, path)
 
 
 def _damaged(path, what: str) -> CheckpointDamaged:
@@ -283,14 +328,21 @@ class CheckpointReader:
         return LazyDict(keys, lambda k: self.full(k, state if (k, state) in self.entries else fallback))
 
 
-def consolidate(tag_dir: str | Path, out: str | Path, state: str = "weight") -> Path:
+def consolidate(tag_dir: str | Path, out: str | Path, state: str = "weight", rank: int = 0, world: int = 1,
+                barrier=None) -> Path:
     """Write the full canonical model (fp32 masters, buffers as saved) to ``out`` (.safetensors),
-    streaming one tensor at a time."""
+    streaming one tensor at a time. With ``world > 1`` every rank calls it and writes 1 / world of
+    the bytes (a save's consolidation: no rank works minutes alone while the others wait in a
+    collective, which NCCL's watchdog would end)."""
     r = CheckpointReader(tag_dir)
     keys = sorted(r.keys(state))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dt = {k: _NAMES[r.meta[k]["dtype"]] if state == "weight" else torch.float32 for k in keys}
-    write_safetensors(out, [(k, dt[k], r.meta[k]["shape"], (lambda k=k: r.full(k, state))) for k in keys],
-                      {"format": "pt", "source": str(Path(tag_dir).resolve()), "state": state})
+    entries = [(k, dt[k], r.meta[k]["shape"], (lambda k=k: r.full(k, state))) for k in keys]
+    metadata = {"format": "pt", "source": str(Path(tag_dir).resolve()), "state": state}
+    if world == 1:
+        write_safetensors(out, entries, metadata)
+    else:
+        write_safetensors_shared(out, entries, metadata, rank, world, barrier)
     return out

@@ -11,9 +11,11 @@ steps after it; the step counts in B's final checkpoint (12, not 6) show they we
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
+from tests.distributed import run_distributed
 from tests.train.helpers import launch, read_metrics
 
 LAYOUTS = {"ep2": ["parallel.expert_parallel=2"], "dp2": [], "tp2": ["parallel.tensor_parallel=2"],
@@ -72,3 +74,34 @@ def test_resume_under_another_layout(runs_a, tiny_moe, tmp_path, a, b):
     params = [t for f in (ckpt / "global_step6" / "shards").glob("rank*.json")
               for t in json.loads(f.read_text())["tensors"] if t["param"] and t["state"] == "weight"]
     assert moments >= len({t["key"] for t in params})  # every parameter has its moments in the save
+
+
+def _shared_write(rank, world, out_dir):
+    import torch
+
+    from megamoe import comm
+    from megamoe.parallel import init_distributed
+    from megamoe.train import universal as uni
+
+    init_distributed("gloo")
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate([7, 300, 1, 64, 1000, 3])}
+    tensors["ids"] = torch.arange(5)
+    entries = [(k, v.dtype, tuple(v.shape), (lambda v=v: v)) for k, v in tensors.items()]
+    meta = {"format": "pt"}
+    uni.write_safetensors_shared(Path(out_dir) / "shared.safetensors", entries, meta, rank, world, comm.barrier)
+    if rank == 0:
+        uni.write_safetensors(Path(out_dir) / "single.safetensors", entries, meta)
+
+
+def test_shared_consolidation_writes_the_same_bytes_as_one_writer(tmp_path):
+    """A save's model.safetensors is written by every rank, each its share of the tensors at their
+    offsets (no rank consolidates alone while the others wait in a barrier, which NCCL's watchdog
+    would end): the file is byte-equal to the one rank 0 alone would write, and each rank wrote
+    part of it."""
+    from megamoe.train.universal import share_by_size
+
+    run_distributed(_shared_write, world_size=2, args=(str(tmp_path),))
+    assert (tmp_path / "shared.safetensors").read_bytes() == (tmp_path / "single.safetensors").read_bytes()
+    assert not list(tmp_path.glob("*.tmp"))
+    assert share_by_size([28, 1200, 4, 256, 4000, 12, 40], 2) == [[4], [1, 3, 6, 0, 5, 2]]

@@ -3,14 +3,15 @@
 megamoe's CI has no GPU and the GPU machine it borrows has one, so NCCL's and CUDA's rules
 must be enforced where gloo and the CPU would let a violation pass.
 
-:class:`HostSyncCounter` (a ``TorchFunctionMode``) counts the calls that make a CUDA host
-wait for the device: ``.item()``, ``.tolist()``, ``bool()`` / ``int()`` / ``float()`` of a
-tensor, ``.cpu()`` / ``.numpy()``, ``nonzero`` and ``masked_select``, boolean-mask indexing,
-``repeat_interleave`` with tensor repeats and no ``output_size``, ``bincount`` / ``unique``
-(their output size is data), and tensors built from host data (``torch.tensor`` /
-``as_tensor``). A function mode, not a dispatch mode: on CPU ``.tolist()`` never reaches
-the dispatcher. Each count records the innermost megamoe frame, so a failing budget names
-the line. tests/test_strict.py holds the budget per MoE layer and per training step.
+:class:`HostSyncCounter` (a ``TorchDispatchMode``, so autograd's backward and activation
+recompute are counted) counts the calls that make a CUDA host wait for the device:
+``.item()`` / ``bool()`` / ``int()`` of a tensor, ``.tolist()`` / ``.cpu()`` / ``.numpy()``
+(patched while counting: on CPU they skip the dispatcher), ``nonzero``, ``masked_select``,
+boolean-mask indexing, ``repeat_interleave`` without ``output_size``, ``bincount`` /
+``unique`` (their output size is data), and tensors built from host data (``torch.tensor``).
+Each count records the innermost megamoe line, so a failing budget names it; data loading
+(host tensors by design) is not counted. tests/moe/test_host_syncs.py and
+tests/train/test_host_syncs.py hold the budget.
 
 Strict-NCCL mode (:func:`enable_strict_nccl`, on when ``MEGAMOE_STRICT_NCCL=1``; the test
 suite sets it for every rank it starts), three rules:
@@ -21,7 +22,10 @@ suite sets it for every rank it starts), three rules:
    all tagged, and a raw ``torch.distributed`` collective that receives a tagged tensor raises.
    ``megamoe.comm`` is the sanctioned path: it moves a host control scalar to the group's
    device itself, so its calls pass (its own placement rule is tested with CUDA mocked in
-   tests/test_comm.py).
+   tests/test_comm.py). Module buffers and parameters are not tagged (``module.to(device)``
+   moves them on a GPU run), nor is what ``.to(...)`` returns; a CPU run's ``.cpu()`` returns
+   its input, so only a copy is tagged. The tagging is a rehearsal, not a proof: a host tensor
+   that passes through an op with a device tensor loses its tag.
 2. **Every rank of a group issues the same collectives in the same order.** torch's own
    check: ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` wraps each process group in c10d's
    ``ProcessGroupWrapper``, which compares each collective's fingerprint (sequence number,
@@ -99,6 +103,7 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.sites: Counter = Counter()
         self._saved = {}
+        self._depth = 0
 
     @property
     def total(self) -> int:
@@ -114,8 +119,13 @@ class HostSyncCounter(TorchDispatchMode):
             original = self._saved[name] = getattr(torch.Tensor, name)
 
             def patched(t, *a, _original=original, _name=name, **k):
-                self._count(_name)
-                return _original(t, *a, **k)
+                if self._depth == 0:  # a function mode re-enters the patched method once more: count once
+                    self._count(_name)
+                self._depth += 1
+                try:
+                    return _original(t, *a, **k)
+                finally:
+                    self._depth -= 1
 
             setattr(torch.Tensor, name, patched)
         return super().__enter__()
@@ -147,6 +157,10 @@ class HostTensorTagger(TorchFunctionMode):
         if func in _FACTORIES:
             host = kwargs.get("device") is None and not (func in (torch.tensor, torch.as_tensor) and args
                                                          and isinstance(args[0], torch.Tensor))
+        elif func is torch.Tensor.to and (kwargs.get("device") is not None
+                                          or any(isinstance(a, (torch.device, str)) for a in args[1:])):
+            _untag(out)  # moved to a device (on a GPU run, the model's)
+            return out
         elif func is torch.Tensor.cpu:
             host = out is not args[0]  # a CPU run's .cpu() returns its input: tagging it would tag a device tensor
         else:
@@ -230,8 +244,32 @@ def enable_strict_nccl() -> None:
                 wrapped = _checked(name, fn)
                 wrapped._megamoe_checked = True
                 setattr(module, name, wrapped)
+    _untag_module_buffers()
     _state["tagger"] = HostTensorTagger()
     _state["tagger"].__enter__()
+
+
+def _untag(t) -> None:
+    if isinstance(t, torch.Tensor) and getattr(t, _HOST, False):
+        setattr(t, _HOST, False)
+
+
+def _untag_module_buffers() -> None:
+    """A module's buffers are built on the host on a GPU run too, and ``module.to(device)`` moves
+    them; a CPU run's models are never moved, so a buffer (a hash table, an expert bias) is model
+    state, not a host tensor."""
+    register_buffer, setattr_ = torch.nn.Module.register_buffer, torch.nn.Module.__setattr__
+
+    def register(self, name, tensor, persistent=True):
+        _untag(tensor)
+        return register_buffer(self, name, tensor, persistent)
+
+    def assign(self, name, value):
+        setattr_(self, name, value)
+        if isinstance(value, torch.Tensor) and name in self.__dict__.get("_buffers", ()):
+            _untag(value)
+
+    torch.nn.Module.register_buffer, torch.nn.Module.__setattr__ = register, assign
 
 
 def strict_nccl_enabled() -> bool:

@@ -91,3 +91,55 @@ def test_counter_sees_what_it_budgets():
     kinds = sorted(k.split()[-1] for k, n in c.sites.items() for _ in range(n))
     assert kinds == sorted(["_local_scalar_dense", "tolist", "_local_scalar_dense", "index", "lift_fresh",
                             "repeat_interleave", "nonzero", "nonzero"]), c.sites
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_check.sh runs it)")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("case", ["dropless_top2", "hash", "multihash_mpo"])
+def test_no_sync_on_cuda_under_sync_debug_mode(case):
+    """CUDA's own check: ``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronizing
+    call. A bf16 model at EP = 1 (auto backend: grouped GEMM on SM90/SM100, else the loop, which
+    reads the counts once and is run outside the check) trains a step without one."""
+    from megamoe.moe.experts import grouped_mm_is_fast
+    from tests.model.common import batch, build, tiny_model
+
+    model = build(tiny_model(activation_checkpointing=True, hidden_size=64, num_heads=4, ffn_hidden_size=128),
+                  CASES[case][0]).cuda().to(torch.bfloat16).train()
+    if not grouped_mm_is_fast(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no grouped-GEMM kernel on this GPU: the loop backend reads the counts (1 sync per layer)")
+    ids, labels = (t.cuda() for t in batch())
+    model(ids, labels).loss.backward()  # warm-up: lazy inits may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(ids, labels).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_combine_bit_equal_on_cuda_in_deterministic_mode():
+    from megamoe.moe.dispatcher import Dispatcher
+
+    def run():
+        g = torch.Generator(device="cuda").manual_seed(1)
+        T, K, E, D = 4096, 2, 8, 256
+        ids = torch.randint(0, E, (T, K), generator=g, device="cuda")
+        w = torch.rand(T, K, generator=g, device="cuda").requires_grad_()
+        x = torch.randn(T, D, generator=g, device="cuda").bfloat16().requires_grad_()
+        d = Dispatcher(num_slots=E)
+        x_R, _, plan = d.dispatch(x, ids, w, torch.ones(T, K, dtype=torch.bool, device="cuda"), dropless=True)
+        y = d.combine(x_R * 2.0, plan)
+        y.pow(2).sum().backward()
+        return y.detach(), x.grad, w.grad
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command that checks megamoe's GPU paths end to end, on one GPU, in at most 8 minutes:
+# One command that checks megamoe's GPU paths end to end, on one GPU, in about 5 minutes (budget 6):
 #
 #   tools/gpu_check.sh                 # on a CUDA machine -> results/gpu_check.{json,md}
 #   tools/gpu_check.sh --cpu-smoke     # same path at tiny sizes on CPU (<= 2 min) -> a temp dir
@@ -12,9 +12,10 @@
 #                they skip; on a GPU a skipped or missing CUDA test is a failure)
 #   bench_moe    tools/bench_moe.py --device cuda --dtype bfloat16 (the dtype torch._grouped_mm runs as
 #                one CUTLASS kernel on SM90; fp32 takes its per-group fallback)
-#   train        pretrain/pretrain_moe.py --config configs/moe_8x.yaml + overrides: a ~1 B-total
-#                MoE (D=1024, L=12, E=8 top-2, F=2944), bf16, ZeRO-2, 150 steps, seq 2048 x 8;
-#                tokens/s and MFU (bf16 matmul peak) = medians of its metrics.jsonl after step 20
+#   train        pretrain/pretrain_moe.py --config configs/moe_8x.yaml + overrides: a ~0.37 B-total
+#                MoE (D=1024, L=8, E=8 top-2, F=1408), bf16, ZeRO-2, 80 steps, seq 2048 x 8, one save
+#                with the consolidated model (~6 GB written); tokens/s and MFU (bf16 matmul peak) =
+#                medians of its metrics.jsonl after step 20
 #   evaluate     tools/evaluate.py on the final checkpoint
 #   export       tools/convert_to_hf.py --dtype bf16 --tokenizer <the run's>
 #   generate     transformers AutoModelForCausalLM.from_pretrained(export).generate(), greedy
@@ -22,7 +23,9 @@
 #
 # Every step fails loudly: a failed step prints the tail of its log, is marked FAILED in the
 # results, the steps that need its output are marked "skipped: needs <step>", and the script
-# exits 1. Data: data/corpus_text_document + data/tokenizer/spm.model when present (make data;
+# exits 1. The results are rewritten after every step (marked partial until the end), and with
+# GPU_CHECK_COPY_TO=DIR copied there with the logs, so a run cut off by a time limit still hands
+# back the steps that ran (tools/gpu_device.sh sets it to the device tool's $OUT). Data: data/corpus_text_document + data/tokenizer/spm.model when present (make data;
 # /data is git-ignored, so bring data/corpus_text_document.{bin,idx,json} and data/tokenizer/ to
 # a fresh GPU machine: ~10 MB), otherwise a synthetic corpus built in the work dir (the GPU
 # machine has no internet). evaluate.py and convert_to_hf.py run on the CPU.
@@ -59,7 +62,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=fals
   HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$MODE" = gpu ]; then
   export DS_ACCELERATOR=cuda
-  BUDGET_S=480          # the whole check
+  BUDGET_S=360          # the whole check (sizes below aim at ~300 s on one H100/H200)
   RESULTS="${RESULTS_ARG:-$ROOT/results/gpu_check}"
 else
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
@@ -98,6 +101,18 @@ step() {
     STATUS[$name]=failed
     { echo "!! $name $status -- last lines of $log:"; tail -n 25 "$log" | sed 's/^/!!   /'; } >&2
   fi
+  report partial
+}
+
+# report partial|final: results from the steps so far (report.py, written below), copied out
+report() {
+  "$PY" "$OUT/report.py" "$OUT" "$RESULTS" "$MODE" "$COMMAND" "$(( $(date +%s) - T_START ))" "$1" > "$OUT/report.log" 2>&1
+  local rc=$?
+  if [ -n "${GPU_CHECK_COPY_TO:-}" ] && [ -d "$GPU_CHECK_COPY_TO" ]; then
+    cp -f "$RESULTS.json" "$RESULTS.md" "$GPU_CHECK_COPY_TO"/ 2>/dev/null
+    tar -czf "$GPU_CHECK_COPY_TO/gpu_check_logs.tgz" -C "$OUT" logs steps.jsonl 2>/dev/null
+  fi
+  return $rc
 }
 
 record() {  # NAME STATUS SECONDS COMMAND
@@ -107,19 +122,84 @@ record() {  # NAME STATUS SECONDS COMMAND
 }
 
 note() {  # NAME STATUS TEXT: a step that did not run, with why
-  record "$1" "$2" 0 "$3"; STATUS[$1]=skipped; echo "== $1: $2 -- $3"
+  record "$1" "$2" 0 "$3"; STATUS[$1]=skipped; echo "== $1: $2 -- $3"; report partial
 }
+
+# ---- the report, rewritten after every step ---------------------------------------------------
+cat > "$OUT/report.py" <<'PY'
+import json, statistics, sys, time
+from pathlib import Path
+out, results, mode, command, total, phase = (Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4],
+                                              float(sys.argv[5]), sys.argv[6])
+steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+def load(p):
+    p = Path(p)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+by = {s["name"]: s for s in steps}
+metrics = out / "run" / "logs" / "metrics.jsonl"
+if metrics.is_file() and by.get("train", {}).get("status") == "ok":
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [r for r in recs if r.get("split") == "train"]
+    late = [r for r in train if r["step"] > 20] or train[1:] or train  # first steps: warm-up, compile, allocator
+    by["train"]["metrics"] = {
+        "steps": train[-1]["step"], "first_lm_loss": train[0]["lm_loss"], "last_lm_loss": train[-1]["lm_loss"],
+        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in late),
+        "mfu_median": statistics.median(r["mfu"] for r in late),
+        "step_time_s_median": statistics.median(r["step_time_s"] for r in late),
+        "peak_mem_mb": max(r.get("mem_mb", 0) for r in train), "measured_over_steps": [late[0]["step"], late[-1]["step"]]}
+for name, f in (("cuda_tests", out / "cuda_tests.json"), ("evaluate", out / "eval" / "eval.json"), ("generate", out / "generate.json"),
+                ("bench_train", out / "bench_train.json"), ("bench_moe", out / "bench_moe.json")):
+    data = load(f)
+    if data is not None and name in by:
+        by[name]["result"] = data if name != "bench_train" else data.get("rows")
+ok = all(s["status"] == "ok" or s["status"].startswith("skipped: tools/bench_moe.py has no --device")
+         or s["status"].startswith("skipped: ") and "budget" in s["status"] for s in steps)
+res = {"command": command, "mode": mode, "ok": ok, "partial": phase != "final", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+       "total_seconds": round(total, 1), "env": load(out / "env.json"), "steps": steps}
+verdict = ("all steps ok" if ok else "FAILED") if phase == "final" else \
+    f"PARTIAL: {len(steps)} steps so far{'' if ok else ', one FAILED'} (the run did not finish, or is running)"
+lines = [f"# gpu_check ({mode})", "", f"`{command}` -- {res['date']}, {total:.0f} s so far, {verdict}.", ""]
+if res["env"]:
+    e = res["env"]
+    lines += [f"{e['device']} ({e.get('gpu_memory_gb')} GB), torch {e['torch']} (CUDA {e['cuda']}), "
+              f"deepspeed {e['deepspeed']}, transformers {e['transformers']}.", ""]
+lines += ["| step | status | seconds | result |", "|---|---|---|---|"]
+for s in steps:
+    r = ""
+    if "metrics" in s:
+        m = s["metrics"]
+        r = (f"{m['tokens_per_s_median']:.0f} tok/s, MFU {m['mfu_median']:.1%} (bf16 peak), lm loss "
+             f"{m['first_lm_loss']:.2f} -> {m['last_lm_loss']:.2f} over {m['steps']} steps")
+    elif s["name"] == "cuda_tests" and s.get("result"):
+        r = ", ".join(f"{v} {k}" for k, v in s["result"].items())
+    elif s["name"] == "evaluate" and s.get("result"):
+        r = ", ".join(f"{k} {v:.3g}" for k, v in s["result"].items() if isinstance(v, float))[:120]
+    elif s["name"] == "generate" and s.get("result"):
+        r = f"{s['result']['architecture']}: {len(s['result']['new_ids'])} new tokens"
+    elif s["name"] == "bench_train" and s.get("result"):
+        r = "; ".join(f"{x['case']} {x.get('megamoe_tokens_per_s', 0):.0f} tok/s MFU {x.get('megamoe_mfu', 0):.0%}"
+                      for x in s["result"])
+    lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {r} |")
+lines += ["", "Commands:", ""] + [f"- {s['name']}: `{s['command']}`" for s in steps]
+from megamoe.utils import atomic_write_text
+atomic_write_text(results + ".json", json.dumps(res, indent=2) + "\n")
+atomic_write_text(results + ".md", "\n".join(lines) + "\n")
+print("\n".join(lines))
+sys.exit(0 if ok or phase != "final" else 1)
+PY
 
 # ---- sizes -----------------------------------------------------------------------------------
 if [ "$MODE" = gpu ]; then
-  MODEL=(model.vocab_size=32000 model.hidden_size=1024 model.num_layers=12 model.num_heads=16 model.num_kv_heads=8
-         model.ffn_hidden_size=2944 model.max_position_embeddings=2048 model.activation_checkpointing=false)
-  MOE=(moe.num_experts=8)
-  TRAIN=(data.seq_length=2048 train.micro_batch_size=8 train.global_batch_size=8 train.train_steps=150
+  MODEL=(model.vocab_size=32000 model.hidden_size=1024 model.num_layers=8 model.num_heads=16 model.num_kv_heads=8
+         model.ffn_hidden_size=2816 model.max_position_embeddings=2048 model.activation_checkpointing=false)
+  MOE=(moe.num_experts=8 moe.expert_ffn_hidden_size=1408)
+  TRAIN=(data.seq_length=2048 train.micro_batch_size=8 train.global_batch_size=8 train.train_steps=80
          train.warmup_steps=10 train.log_interval=10 train.eval_iters=4)
   GEN_DEVICE=cuda
   EVAL_ARGS=(--max-batches 2 --micro-batch-size 2)   # evaluate.py runs on the CPU
-  BENCH_MOE=(--device cuda --dtype bfloat16 --experts 8 64 --tokens 16384 --hidden 1024 --ffn 2944 --reps 5 --budget-s 10)
+  BENCH_MOE=(--device cuda --dtype bfloat16 --experts 8 64 --tokens 16384 --hidden 1024 --ffn 1408 --reps 5 --budget-s 10)
   BENCH_TRAIN=(--device cuda --steps 5 --warmup 2)
 else
   MODEL=(model.vocab_size=64 model.hidden_size=32 model.num_layers=2 model.num_heads=4 model.num_kv_heads=2
@@ -166,11 +246,11 @@ if p.returncode != 0:
 if mode == "gpu" and (n.get("skipped", 0) or not n.get("passed", 0)):
     sys.exit(f"on a GPU every CUDA test must run: {n}")
 PY
-step cuda_tests 150 "env" "$PY" "$OUT/cuda_tests.py" "$MODE" "$OUT/cuda_tests.json" -m cuda tests/ -q -rs -p no:cacheprovider
+step cuda_tests 120 "env" "$PY" "$OUT/cuda_tests.py" "$MODE" "$OUT/cuda_tests.json" -m cuda tests/ -q -rs -p no:cacheprovider
 
 # ---- bench_moe ---------------------------------------------------------------------------------
 if "$PY" tools/bench_moe.py --help 2>/dev/null | grep -q -- "--device"; then
-  step bench_moe 90 "env" "$PY" tools/bench_moe.py "${BENCH_MOE[@]}" --out "$OUT/bench_moe"
+  step bench_moe 60 "env" "$PY" tools/bench_moe.py "${BENCH_MOE[@]}" --out "$OUT/bench_moe"
 else
   note bench_moe "skipped: tools/bench_moe.py has no --device flag yet" "python tools/bench_moe.py ${BENCH_MOE[*]}"
 fi
@@ -201,7 +281,7 @@ TRAIN_CMD=("$PY" pretrain/pretrain_moe.py --config configs/moe_8x.yaml "${MODEL[
   "data.cache_dir=$OUT/idx_cache" "${TRAIN[@]}" train.precision=bf16 train.zero_stage=2 train.eval_interval=0
   train.save_interval=0 train.keep_last=1 train.load=null "train.save_dir=$RUN/checkpoints"
   "train.log_dir=$RUN/logs" train.tensorboard=false train.plot=false name=gpu_check)
-step train 240 "env data" "${TRAIN_CMD[@]}"
+step train 180 "env data" "${TRAIN_CMD[@]}"
 
 # ---- evaluate, export, generate ----------------------------------------------------------------------
 step evaluate 90 "train" "$PY" tools/evaluate.py --checkpoint "$RUN/checkpoints" "${EVAL_ARGS[@]}" \
@@ -234,77 +314,17 @@ step generate 90 "export" "$PY" "$OUT/generate.py" "$OUT/hf" "$GEN_DEVICE" "$OUT
 
 # ---- bench_train (optional: only with time to spare) -----------------------------------------------------
 LEFT=$(( BUDGET_S - ($(date +%s) - T_START) ))
-if [ "$MODE" = gpu ] && [ "$LEFT" -lt 150 ]; then
+if [ "$MODE" = gpu ] && [ "$LEFT" -lt 90 ]; then
   note bench_train "skipped: ${LEFT}s of the ${BUDGET_S}s budget left" "python tools/bench_train.py ${BENCH_TRAIN[*]}"
 else
-  step bench_train 150 "env" "$PY" tools/bench_train.py "${BENCH_TRAIN[@]}" --output "$OUT/bench_train"
+  step bench_train 90 "env" "$PY" tools/bench_train.py "${BENCH_TRAIN[@]}" --output "$OUT/bench_train"
 fi
 
 # ---- results -----------------------------------------------------------------------------------------
-cat > "$OUT/report.py" <<'PY'
-import json, statistics, sys, time
-from pathlib import Path
-out, results, mode, command, total = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
-steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-
-def load(p):
-    p = Path(p)
-    return json.loads(p.read_text()) if p.is_file() else None
-
-by = {s["name"]: s for s in steps}
-metrics = out / "run" / "logs" / "metrics.jsonl"
-if metrics.is_file() and by.get("train", {}).get("status") == "ok":
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train = [r for r in recs if r.get("split") == "train"]
-    late = [r for r in train if r["step"] > 20] or train[1:] or train  # first steps: warm-up, compile, allocator
-    by["train"]["metrics"] = {
-        "steps": train[-1]["step"], "first_lm_loss": train[0]["lm_loss"], "last_lm_loss": train[-1]["lm_loss"],
-        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in late),
-        "mfu_median": statistics.median(r["mfu"] for r in late),
-        "step_time_s_median": statistics.median(r["step_time_s"] for r in late),
-        "peak_mem_mb": max(r.get("mem_mb", 0) for r in train), "measured_over_steps": [late[0]["step"], late[-1]["step"]]}
-for name, f in (("cuda_tests", out / "cuda_tests.json"), ("evaluate", out / "eval" / "eval.json"), ("generate", out / "generate.json"),
-                ("bench_train", out / "bench_train.json"), ("bench_moe", out / "bench_moe.json")):
-    data = load(f)
-    if data is not None and name in by:
-        by[name]["result"] = data if name != "bench_train" else data.get("rows")
-ok = all(s["status"] == "ok" or s["status"].startswith("skipped: tools/bench_moe.py has no --device")
-         or s["status"].startswith("skipped: ") and "budget" in s["status"] for s in steps)
-res = {"command": command, "mode": mode, "ok": ok, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-       "total_seconds": round(total, 1), "env": load(out / "env.json"), "steps": steps}
-lines = [f"# gpu_check ({mode})", "", f"`{command}` -- {res['date']}, {total:.0f} s in all, "
-         f"{'all steps ok' if ok else 'FAILED'}.", ""]
-if res["env"]:
-    e = res["env"]
-    lines += [f"{e['device']} ({e.get('gpu_memory_gb')} GB), torch {e['torch']} (CUDA {e['cuda']}), "
-              f"deepspeed {e['deepspeed']}, transformers {e['transformers']}.", ""]
-lines += ["| step | status | seconds | result |", "|---|---|---|---|"]
-for s in steps:
-    r = ""
-    if "metrics" in s:
-        m = s["metrics"]
-        r = (f"{m['tokens_per_s_median']:.0f} tok/s, MFU {m['mfu_median']:.1%} (bf16 peak), lm loss "
-             f"{m['first_lm_loss']:.2f} -> {m['last_lm_loss']:.2f} over {m['steps']} steps")
-    elif s["name"] == "cuda_tests" and s.get("result"):
-        r = ", ".join(f"{v} {k}" for k, v in s["result"].items())
-    elif s["name"] == "evaluate" and s.get("result"):
-        r = ", ".join(f"{k} {v:.3g}" for k, v in s["result"].items() if isinstance(v, float))[:120]
-    elif s["name"] == "generate" and s.get("result"):
-        r = f"{s['result']['architecture']}: {len(s['result']['new_ids'])} new tokens"
-    elif s["name"] == "bench_train" and s.get("result"):
-        r = "; ".join(f"{x['case']} {x.get('megamoe_tokens_per_s', 0):.0f} tok/s MFU {x.get('megamoe_mfu', 0):.0%}"
-                      for x in s["result"])
-    lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {r} |")
-lines += ["", "Commands:", ""] + [f"- {s['name']}: `{s['command']}`" for s in steps]
-from megamoe.utils import atomic_write_text
-atomic_write_text(results + ".json", json.dumps(res, indent=2) + "\n")
-atomic_write_text(results + ".md", "\n".join(lines) + "\n")
-print("\n".join(lines))
-sys.exit(0 if ok else 1)
-PY
 TOTAL=$(( $(date +%s) - T_START ))
-"$PY" "$OUT/report.py" "$OUT" "$RESULTS" "$MODE" "$COMMAND" "$TOTAL"
+report final
 RC=$?
+cat "$OUT/report.log"
 echo "results: $RESULTS.json $RESULTS.md (logs: $OUT/logs)"
 if [ $TOTAL -gt $BUDGET_S ]; then
   echo "!! took ${TOTAL}s, over the ${BUDGET_S}s budget" >&2

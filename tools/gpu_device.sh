@@ -13,7 +13,8 @@
 # .venv/bin/python where it exists, else python3, the image's interpreter that holds torch) runs
 # everything. Every argument except --wheels goes to tools/gpu_check.sh. When the device tool's
 # $OUT is set, results/gpu_check.{json,md} (or the smoke's) and a tarball of the step logs are
-# copied there, since only $OUT comes back.
+# copied there after every step (GPU_CHECK_COPY_TO), since only $OUT comes back, also from a run
+# cut off by its time limit. Each stage prints its seconds.
 # Exit status: gpu_check.sh's, or 3 when the wheels or imports fail (nothing ran).
 set -u -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,12 +40,14 @@ if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   echo "error: $WHEELS: no wheels; run 'python tools/gpu_wheels.py' here first and carry .whl" >&2; exit 3
 fi
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4
+T0=$(date +%s)
 echo "== installing $(ls "$WHEELS"/*.whl | wc -l) wheels into $SITE"
 rm -rf "$SITE"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
   || { echo "error: pip could not install the wheels in $WHEELS (see above)" >&2; exit 3; }
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHON="$PY"
 export PATH="$SITE/bin:$PATH"
+echo "   ok ($(( $(date +%s) - T0 ))s)"; T0=$(date +%s)
 
 echo "== imports"
 "$PY" - <<'PY' || { echo "error: an import megamoe needs failed on this machine (above)" >&2; exit 3; }
@@ -57,8 +60,10 @@ dists = ["torch", "deepspeed", "megatron-core", "datasets", "transformers", "pef
          "numpy", "pydantic", "pyarrow", "fsspec", "sentencepiece", "safetensors", "pytest"]
 print(" ".join(f"{d}={md.version(d)}" for d in dists))
 PY
+echo "   ok ($(( $(date +%s) - T0 ))s)"
 
 rm -rf "$WORK"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then export GPU_CHECK_COPY_TO="$OUT"; fi
 bash tools/gpu_check.sh --out "$WORK" "${ARGS[@]}"; rc=$?
 if [ "$SMOKE" = 1 ]; then RES="$WORK/gpu_check"; else RES="$ROOT/results/gpu_check"; fi  # gpu_check's defaults
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then

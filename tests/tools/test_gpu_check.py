@@ -18,10 +18,13 @@ SCRIPT = ROOT / "tools" / "gpu_check.sh"
 STEPS = ["env", "cuda_tests", "bench_moe", "data", "train", "evaluate", "export", "generate", "bench_train"]
 
 
-def _run(*args, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT), PYTHON=sys.executable)
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _env(**extra):
+    return dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT), PYTHON=sys.executable, **extra)
+
+
+def _run(*args, timeout=600, **extra):
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=str(ROOT), env=_env(**extra), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _stat(path: Path):
@@ -30,10 +33,14 @@ def _stat(path: Path):
 
 def test_cpu_smoke_runs_every_step(tmp_path):
     shipped = [_stat(ROOT / "results" / f"gpu_check.{ext}") for ext in ("json", "md")]
-    p = _run("--cpu-smoke", "--out", str(tmp_path / "work"))
+    copy = tmp_path / "out"
+    copy.mkdir()
+    p = _run("--cpu-smoke", "--out", str(tmp_path / "work"), GPU_CHECK_COPY_TO=str(copy))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     res = json.loads((tmp_path / "work" / "gpu_check.json").read_text())
     assert res["ok"] and res["mode"] == "cpu-smoke" and res["command"].startswith("tools/gpu_check.sh --cpu-smoke")
+    assert not res["partial"] and json.loads((copy / "gpu_check.json").read_text()) == res  # copied at the end
+    assert (copy / "gpu_check_logs.tgz").stat().st_size > 0
     by = {s["name"]: s for s in res["steps"]}
     assert list(by) == STEPS, list(by)
     for name, s in by.items():
@@ -51,6 +58,30 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     # only a gross slowdown fails here (the script itself reports an overrun).
     assert res["total_seconds"] < 300, res["total_seconds"]
     assert [_stat(ROOT / "results" / f"gpu_check.{ext}") for ext in ("json", "md")] == shipped
+
+
+def test_a_run_cut_off_hands_back_the_steps_that_ran(tmp_path):
+    """The results are rewritten and copied after every step: killing the check mid-way (as the
+    device tool's time limit does) leaves a partial report of the finished steps in the copy dir."""
+    import signal
+    import time
+
+    copy = tmp_path / "out"
+    copy.mkdir()
+    p = subprocess.Popen(["bash", str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path / "work")], cwd=str(ROOT),
+                         env=_env(GPU_CHECK_COPY_TO=str(copy)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (copy / "gpu_check.json").exists():
+        time.sleep(1)
+    time.sleep(1)
+    os.killpg(p.pid, signal.SIGKILL)  # the whole check, mid-way
+    p.wait()
+    res = json.loads((copy / "gpu_check.json").read_text())
+    assert res["partial"]
+    done = [s["name"] for s in res["steps"]]
+    assert done and done == STEPS[:len(done)] and len(done) < len(STEPS), done
+    assert "PARTIAL" in (copy / "gpu_check.md").read_text()
 
 
 def test_gpu_mode_without_cuda_fails_loudly(tmp_path):

@@ -24,6 +24,7 @@ import inspect
 import re
 import sys
 import textwrap
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -126,7 +127,7 @@ def _type_text(tp: Any) -> str:
     if origin is Literal:
         kinds = {type(a).__name__ for a in get_args(tp)}
         return kinds.pop() if len(kinds) == 1 else "literal"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_text(a) for a in get_args(tp))
     if origin in (list, tuple):
         (item, *_) = get_args(tp) or (Any,)
@@ -261,20 +262,15 @@ def updated_document(text: str) -> str:
     return f"{head}{BEGIN}\n\n{render_markdown()}\n{END}{tail}"
 
 
-class HelpConfigAction:
-    """An argparse action (``action=HelpConfigAction.make()``) that prints the reference and exits 0."""
+class HelpConfigAction(argparse.Action):
+    """``add_argument("--help-config", action=HelpConfigAction)``: print the reference, exit 0."""
 
-    @staticmethod
-    def make():
-        class _Action(argparse.Action):
-            def __init__(self, option_strings, dest, **kw):
-                super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
 
-            def __call__(self, parser, namespace, values, option_string=None):
-                print(render_text())
-                parser.exit(0)
-
-        return _Action
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(render_text())
+        parser.exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

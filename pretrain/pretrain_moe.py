@@ -23,7 +23,7 @@ from megamoe.errors import cli_main  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
-    p.add_argument("--help-config", action=HelpConfigAction.make(),
+    p.add_argument("--help-config", action=HelpConfigAction,
                    help="print every config section and field (type, default, allowed values, meaning) and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (also read from $LOCAL_RANK)")

@@ -28,8 +28,10 @@ Model Training on GPU Clusters Using Megatron-LM", section 2.2):
 - 1F1B keeps ``min(P - s, m)`` micro-batches' activations on stage ``s`` (P on the first).
 - Interleaved 1F1B: stage ``s`` runs ``2(P - s - 1) + (V - 1)·P`` warm-up chunk forwards, then
   one more before its first backward (megatron-core ``get_pp_rank_microbatches``, schedules.py,
-  with microbatch_group_size_per_vp_stage = P), so the first stage holds ``V·P + P - 1`` chunk
-  activations = ``L·(1 + (P-1)/(P·V))`` blocks' worth (Korthikanti et al. 2022, section 4.2.3).
+  with microbatch_group_size_per_vp_stage = P; torch's ``_get_warmup_ops`` for
+  ScheduleInterleaved1F1B counts the same when m is a multiple of P), so the first stage holds ``V·P + P - 1`` chunk
+  activations = ``L·(1 + (P-1)/(P·V))`` blocks' worth, the form Korthikanti et al. 2022 ("Reducing
+  Activation Recomputation in Large Transformer Models") give for the interleaved schedule.
   It needs m to be a multiple of P (Megatron's rule; torch's ScheduleInterleaved1F1B needs m to
   be a multiple of its number of rounds max(1, m // P), which this implies).
 - Bubble: the paper gives idle time over ideal time, ``(P-1)/m`` and ``(P-1)/(V·m)``. Reported

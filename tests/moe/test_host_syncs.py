@@ -119,27 +119,3 @@ def test_no_sync_on_cuda_under_sync_debug_mode(case):
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
-
-@pytest.mark.cuda
-@needs_cuda
-def test_combine_bit_equal_on_cuda_in_deterministic_mode():
-    from megamoe.moe.dispatcher import Dispatcher
-
-    def run():
-        g = torch.Generator(device="cuda").manual_seed(1)
-        T, K, E, D = 4096, 2, 8, 256
-        ids = torch.randint(0, E, (T, K), generator=g, device="cuda")
-        w = torch.rand(T, K, generator=g, device="cuda").requires_grad_()
-        x = torch.randn(T, D, generator=g, device="cuda").bfloat16().requires_grad_()
-        d = Dispatcher(num_slots=E)
-        x_R, _, plan = d.dispatch(x, ids, w, torch.ones(T, K, dtype=torch.bool, device="cuda"), dropless=True)
-        y = d.combine(x_R * 2.0, plan)
-        y.pow(2).sum().backward()
-        return y.detach(), x.grad, w.grad
-
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))

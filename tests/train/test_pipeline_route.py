@@ -2,7 +2,9 @@
 torch.distributed.pipelining's 1F1B and interleaved schedules with DeepSpeed's ZeRO engine as the
 optimizer (managed_gradient_accumulation false, one engine.step() after the schedule) equal one
 process after 3 AdamW steps with clipping active, in fp32 and in bf16 (against DeepSpeed's own
-one-rank path); ZeRO-2 does not run this way, which is why megamoe refuses it at PP > 1."""
+one-rank path); each stage's forward activations alive at its peak are the estimator's count
+(megamoe/model/pipeline_layout.py ``chunks_in_flight``); ZeRO-2 does not run this way, which is
+why megamoe refuses it at PP > 1."""
 
 import json
 import os
@@ -11,6 +13,7 @@ import sys
 
 import pytest
 
+from megamoe.model.pipeline_layout import chunks_in_flight
 from megamoe.parallel import free_port
 from tests.train.helpers import ROOT
 
@@ -37,6 +40,9 @@ def test_schedules_under_zero1_equal_one_process(virtual_stages):
     assert min(r["reference_norms"]) > 1.0
     assert r["max_rel_param_diff"] < 1e-6 and r["reference_moved"] > 1e-2, r
     assert r["pipeline_norms"] == pytest.approx(r["reference_norms"], rel=1e-6)
+    # the activations each stage holds at its peak are what tools/estimate.py counts
+    expected = [chunks_in_flight(2, virtual_stages, 4, stage) for stage in range(2)]
+    assert r["in_flight_at_peak"] == expected == ([[2], [1]] if virtual_stages == 1 else [[3, 2], [2, 1]])
 
 
 @pytest.mark.slow

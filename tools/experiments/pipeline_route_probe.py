@@ -8,7 +8,8 @@ a one-process reference. Not megamoe's model: the pieces the pipeline trainer wi
     python tools/experiments/pipeline_route_probe.py --make-reference ref.pt --precision bf16  # DeepSpeed, 1 rank
 
 Prints one JSON line (rank 0): the largest parameter difference after 3 steps relative to each
-tensor's largest value, and the grad norms of both runs.
+tensor's largest value, the grad norms of both runs, and per stage the forward activations each
+chunk held when the stage held the most (tools/estimate.py's in-flight count).
 
 What makes it work (pipeline.md section 2 ran the schedule on the *engine* and got wrong ZeRO-1/2
 updates: DeepSpeed's output hooks scale every stage's gradients by 1/GAS, and its accumulation
@@ -107,6 +108,29 @@ def optimizer(params, kind: str):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) if kind == "adamw" else torch.optim.SGD(params, lr=0.1)
 
 
+class InFlight:
+    """Counts each chunk's forward activations alive: +1 at its forward, -1 when the gradient of
+    its output arrives (its backward starts); keeps the per-chunk counts at the stage's peak."""
+
+    def __init__(self, chunks):
+        self.now = {c: 0 for c in chunks}
+        self.peak_per_chunk, self.peak = [0] * len(chunks), 0
+
+    def hook(self, c):
+        def forward_hook(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return
+            self.now[c] += 1
+            if sum(self.now.values()) > self.peak:
+                self.peak, self.peak_per_chunk = sum(self.now.values()), list(self.now.values())
+            out = output[0] if isinstance(output, tuple) else output
+            out.register_hook(lambda grad: self.release(c))
+        return forward_hook
+
+    def release(self, c):
+        self.now[c] -= 1
+
+
 def ds_config(args, managed: bool) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": MICRO_BATCHES,
            "gradient_clipping": args.clip, "zero_optimization": {"stage": args.zero, "overlap_comm": False},
@@ -180,6 +204,9 @@ def pipelined(args):
     starts = [sum(sizes[:c]) for c in range(n_chunks)]
     mine = [c for c in range(n_chunks) if c % P == stage]  # chunks s, s + P, ...
     chunks = {c: Chunk(layers[starts[c]:starts[c] + sizes[c]]) for c in mine}
+    in_flight = InFlight(mine)
+    for c in mine:
+        chunks[c].register_forward_hook(in_flight.hook(c))
     holder = nn.ModuleList([chunks[c] for c in mine])
     engine, *_ = deepspeed.initialize(model=holder, optimizer=optimizer(holder.parameters(), args.optimizer),
                                       config=ds_config(args, managed=False), mpu=StageMPU(), dist_init_required=False)
@@ -206,6 +233,8 @@ def pipelined(args):
             sched.step(target=tgt, losses=[])
         engine.step()  # the boundary: reduce over the stage's DP ranks, clip by the norm over stages, update
         norms.append(float(engine.get_global_grad_norm() or 0.0))
+    peaks = [None] * world
+    dist.all_gather_object(peaks, {"stage": stage, "peak_per_chunk": in_flight.peak_per_chunk})
     got = {f"layers.{starts[c] + int(n.split('.')[1])}.{n.split('.', 2)[2]}": p.detach().float().clone()
            for c in mine for n, p in chunks[c].named_parameters()}
     gathered = [None] * world
@@ -224,7 +253,9 @@ def pipelined(args):
             "precision": args.precision,
             "max_rel_param_diff": max(((merged[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref),
             "reference_moved": max((ref[k] - init[k]).abs().max().item() for k in ref),
-            "reference_norms": ref_norms, "pipeline_norms": norms}))
+            "reference_norms": ref_norms, "pipeline_norms": norms,
+            # forward activations alive per chunk when the stage held the most (rank order)
+            "in_flight_at_peak": [p["peak_per_chunk"] for p in peaks]}))
     dist.barrier()
 
 

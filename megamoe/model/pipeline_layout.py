@@ -71,8 +71,10 @@ Its gaps (the next session's work):
    ``loss_fn`` and to after ``sched.step()``.
 2. Static metadata: give ``input_args``/``output_args`` (else its shape inference runs the
    stage on placeholders, and an id-indexed embedding on stage 2 crashed).
-3. Tied embeddings: no facility; all-reduce the tied weight's gradient between the first and
-   last stage (megatron-core's ``get_embedding_group`` ranks) before ``engine.step()``.
+3. Tied embeddings: torch has no facility; verified on the toy: all-reduce the tied copies'
+   gradients over the first and last stage (megatron-core's ``get_embedding_group`` ranks)
+   before ``engine.step()``, and mark the later copy ``ds_pipe_replicated`` so ZeRO's norm
+   counts the weight once (unmarked, the norm was 8.81 instead of 8.55).
 4. Groups: megatron-core ``initialize_model_parallel(pipeline_model_parallel_size=P)``;
    ``MegatronMPU`` must report TP x PP as the model-parallel group (rank = TP rank), and
    ``setup_expert_groups`` must pass P to DeepSpeed's ``_get_expert_parallel_ranks`` (it passes

@@ -29,6 +29,9 @@ one-process reference within 6e-8 relative, grad norms equal; bf16 ZeRO-0/1 bit-
 DeepSpeed's own one-process bf16 path; PP=2 x DP=2 (4 ranks) ZeRO-1 within 2.2e-7. ZeRO-2 fails
 in its step (``KeyError: 0`` in stage_1_and_2.py): it reduces gradients in hooks during
 engine-driven backwards, which this route does not run; megamoe refuses ZeRO-2 at PP > 1.
+Tied head (``--tied``): the first and last stage all-reduce their copies' gradients before
+``engine.step()`` and the later copy is marked ``ds_pipe_replicated`` (DeepSpeed's own mark for
+TiedLayerSpec copies, which ZeRO's norm skips): equal to a truly tied model within 1.1e-7.
 """
 
 from __future__ import annotations
@@ -69,12 +72,16 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self):
+    """The LM head; ``tied_to`` (the embedding's weight) makes it a tied head: in one process the
+    same Parameter, on a later stage's rank that rank's own copy of it (same seed, same init)."""
+
+    def __init__(self, tied_to: nn.Parameter | None = None):
         super().__init__()
-        self.out = nn.Linear(WIDTH, VOCAB)
+        self.out = None if tied_to is not None else nn.Linear(WIDTH, VOCAB)
+        self.weight = tied_to
 
     def forward(self, h, ids):
-        return self.out(h)
+        return h @ self.weight.t() if self.out is None else self.out(h)
 
 
 class Chunk(nn.Module):
@@ -89,9 +96,14 @@ class Chunk(nn.Module):
         return x if len(x) > 1 else x[0]
 
 
+TIED = False  # --tied
+
+
 def all_layers() -> list[nn.Module]:
     torch.manual_seed(0)
-    return [Embed()] + [Block(use_ids=i >= BLOCKS // 2) for i in range(BLOCKS)] + [Head()]
+    embed = Embed()
+    blocks = [Block(use_ids=i >= BLOCKS // 2) for i in range(BLOCKS)]
+    return [embed, *blocks, Head(tied_to=embed.emb.weight if TIED else None)]
 
 
 def batch(step: int, dp: int):
@@ -205,6 +217,13 @@ def pipelined(args):
     mine = [c for c in range(n_chunks) if c % P == stage]  # chunks s, s + P, ...
     chunks = {c: Chunk(layers[starts[c]:starts[c] + sizes[c]]) for c in mine}
     in_flight = InFlight(mine)
+    # tied head: the last stage's copy is marked replicated, so ZeRO's norm counts the weight once
+    embedding_groups = [dist.new_group(sorted({d, d + (P - 1) * dp})) for d in range(dp)]
+    tied_copy = None
+    if TIED and P > 1 and (0 in mine or n_chunks - 1 in mine):
+        tied_copy = layers[0].emb.weight if 0 in mine else layers[-1].weight
+        if 0 not in mine:
+            tied_copy.ds_pipe_replicated = True
     for c in mine:
         chunks[c].register_forward_hook(in_flight.hook(c))
     holder = nn.ModuleList([chunks[c] for c in mine])
@@ -231,6 +250,8 @@ def pipelined(args):
             sched.step(ids)
         else:
             sched.step(target=tgt, losses=[])
+        if tied_copy is not None:  # the first and last stage sum their copies' gradients (megatron's embedding group)
+            dist.all_reduce(tied_copy.grad, group=embedding_groups[dp_rank])
         engine.step()  # the boundary: reduce over the stage's DP ranks, clip by the norm over stages, update
         norms.append(float(engine.get_global_grad_norm() or 0.0))
     peaks = [None] * world
@@ -247,6 +268,9 @@ def pipelined(args):
         else:
             ref, ref_norms = torch_reference(args)
         init = dict(Chunk(all_layers()).named_parameters())
+        if TIED and P > 1:  # the last stage's copy must have stayed equal to the first stage's
+            head_name = next(k for k in merged if k.startswith(f"layers.{BLOCKS + 1}."))
+            assert torch.equal(merged.pop(head_name), merged["layers.0.emb.weight"]), "tied copies diverged"
         assert set(merged) == set(ref), set(merged) ^ set(ref)
         print(json.dumps({
             "optimizer": args.optimizer, "zero": args.zero, "virtual_stages": V, "pp": P, "dp": dp, "clip": args.clip,
@@ -267,10 +291,13 @@ def main():
     ap.add_argument("--clip", type=float, default=1.0, help="gradient_clipping (0 = off)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--dp", type=int, default=1, help="data-parallel ranks per stage (world = PP x DP)")
+    ap.add_argument("--tied", action="store_true", help="tie the LM head to the embedding (first and last stage)")
     ap.add_argument("--reference", default=None, help="compare with this --make-reference file (bf16)")
     ap.add_argument("--make-reference", default=None, help="write DeepSpeed's one-rank result here and exit")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    global TIED
+    TIED = args.tied
     deepspeed_reference(args) if args.make_reference else pipelined(args)
 
 

@@ -127,7 +127,7 @@ note() {  # NAME STATUS TEXT: a step that did not run, with why
 
 # ---- the report, rewritten after every step ---------------------------------------------------
 cat > "$OUT/report.py" <<'PY'
-import json, statistics, sys, time
+import json, os, statistics, subprocess, sys, time
 from pathlib import Path
 out, results, mode, command, total, phase = (Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4],
                                               float(sys.argv[5]), sys.argv[6])
@@ -137,6 +137,9 @@ def load(p):
     p = Path(p)
     return json.loads(p.read_text()) if p.is_file() else None
 
+root = os.getcwd() + "/"  # gpu_check.sh runs from the repository: results name paths relative to it
+for s in steps:
+    s["command"], s["log"] = s["command"].replace(root, ""), s["log"].replace(root, "")
 by = {s["name"]: s for s in steps}
 metrics = out / "run" / "logs" / "metrics.jsonl"
 if metrics.is_file() and by.get("train", {}).get("status") == "ok":
@@ -156,14 +159,16 @@ for name, f in (("cuda_tests", out / "cuda_tests.json"), ("evaluate", out / "eva
         by[name]["result"] = data if name != "bench_train" else data.get("rows")
 ok = all(s["status"] == "ok" or s["status"].startswith("skipped: tools/bench_moe.py has no --device")
          or s["status"].startswith("skipped: ") and "budget" in s["status"] for s in steps)
-res = {"command": command, "mode": mode, "ok": ok, "partial": phase != "final", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+res = {"command": command, "commit": commit or None, "mode": mode, "ok": ok, "partial": phase != "final", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
        "total_seconds": round(total, 1), "env": load(out / "env.json"), "steps": steps}
 verdict = ("all steps ok" if ok else "FAILED") if phase == "final" else \
     f"PARTIAL: {len(steps)} steps so far{'' if ok else ', one FAILED'} (the run did not finish, or is running)"
-lines = [f"# gpu_check ({mode})", "", f"`{command}` -- {res['date']}, {total:.0f} s so far, {verdict}.", ""]
+lines = [f"# gpu_check ({mode})", "",
+         f"`{command}` at {commit or '?'} -- {res['date']}, {total:.0f} s {'in all' if phase == 'final' else 'so far'}, {verdict}.", ""]
 if res["env"]:
     e = res["env"]
-    lines += [f"{e['device']} ({e.get('gpu_memory_gb')} GB), torch {e['torch']} (CUDA {e['cuda']}), "
+    lines += [f"{e['device']} ({e.get('gpu_memory_gb')} GB), Python {e.get('python')}, torch {e['torch']} (CUDA {e['cuda']}), "
               f"deepspeed {e['deepspeed']}, transformers {e['transformers']}.", ""]
 lines += ["| step | status | seconds | result |", "|---|---|---|---|"]
 for s in steps:
@@ -218,7 +223,7 @@ fi
 cat > "$OUT/env.py" <<'PY'
 import json, sys, torch, deepspeed, transformers
 cuda = torch.cuda.is_available()
-info = {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
+info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
         "transformers": transformers.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None}
 json.dump(info, open(sys.argv[2], "w"))

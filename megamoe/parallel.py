@@ -66,6 +66,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    nccl_bound = backend is None  # the default is NCCL on a GPU machine; an explicit gloo is CPU work there too
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
@@ -86,7 +87,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
     if strict.strict_nccl_requested():
-        strict.enable_strict_nccl()
+        strict.enable_strict_nccl(host_tensors_refused=nccl_bound)
 
 
 def _device_ordinal() -> int:

@@ -232,9 +232,12 @@ def prepare_strict_nccl() -> None:
     dist.set_debug_level(dist.DebugLevel.DETAIL)
 
 
-def enable_strict_nccl() -> None:
-    """Rules 1 and 3 for this process (rule 2 comes from :func:`prepare_strict_nccl`). Idempotent."""
-    if _state.get("enabled"):
+def enable_strict_nccl(host_tensors_refused: bool = True) -> None:
+    """Rules 1 and 3 for this process (rule 2 comes from :func:`prepare_strict_nccl`). Idempotent.
+    ``host_tensors_refused=False`` for a world that is gloo on a GPU machine too (evaluation,
+    export: ``init_cpu_parallel``), where host tensors are what its collectives take."""
+    if _state.get("enabled") or not host_tensors_refused:
+        _state["enabled"] = _state.get("enabled", False) or host_tensors_refused
         return
     _state["enabled"] = True
     for name in _COLLECTIVES:

@@ -14,7 +14,7 @@ def _layout_body(rank, world, tp, ep):
     layout = parallel.init_parallel(ParallelConfig(tensor_parallel=tp, expert_parallel=ep))
     assert (layout.world, layout.tp, layout.ep, layout.dp) == (world, tp, ep, world // tp)
     assert parallel.tp_size() == tp and parallel.ep_size() == ep and parallel.dp_size() == world // tp
-    t = torch.tensor([float(rank)])
+    t = torch.full((1,), float(rank), device=torch.device("cpu"))  # the device a CPU run trains on
     dist.all_reduce(t, group=parallel.tp_group())
     # TP groups are consecutive ranks ('tp-cp-ep-dp-pp' order): with tp=2 the pair sums to 0+1.
     assert t.item() == (1.0 if tp == 2 else float(rank))

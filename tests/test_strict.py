@@ -4,7 +4,8 @@ and the sanctioned paths pass. The suite runs every multi-rank test under it (te
 - a tensor built on the host (``torch.tensor``, ``torch.zeros(n)`` without a device, and what is
   computed from it alone) in a raw ``torch.distributed`` collective raises, naming the call
   site; the same tensor through ``megamoe.comm`` (which places it) and a tensor made on the
-  model's device pass;
+  model's device pass; a world that is gloo on a GPU machine too (``init_cpu_parallel``, for
+  evaluation and export) takes host tensors (tests/test_parallel.py);
 - a rank-dependent collective order (rank 0 all-reduces then broadcasts, rank 1 the reverse)
   is caught by c10d's fingerprint check before either runs;
 - one rank working alone longer than the strict timeout fails the other's collective.
@@ -27,7 +28,7 @@ def _host_tensor(rank, world):
     from megamoe.parallel import init_distributed
     from megamoe.strict import HostTensorInCollective, strict_nccl_enabled
 
-    init_distributed("gloo")
+    init_distributed()  # the default backend: NCCL on a GPU machine
     assert strict_nccl_enabled()
     device_made = torch.ones(3) * 0 + torch.zeros(3, device=torch.device("cpu"))  # device given: fine
     dist.all_reduce(device_made)
@@ -49,7 +50,7 @@ def _rank_dependent_order(rank, world):
 
     from megamoe.parallel import init_distributed
 
-    init_distributed("gloo")
+    init_distributed()
     t = torch.zeros(4, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="Detected mismatch between collectives on ranks"):
         if rank == 0:
@@ -69,7 +70,7 @@ def _stall(rank, world):
 
     from megamoe.parallel import init_distributed
 
-    init_distributed("gloo")
+    init_distributed()
     t = torch.zeros(1, device=torch.device("cpu"))
     if rank == 0:
         time.sleep(8)  # alone, longer than the 3 s strict timeout

@@ -31,7 +31,7 @@ def commands(text: str) -> list[str]:
     inline code spans that start like a command."""
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        joined = re.sub(r"\\\n\s*", " ", block)
+        joined = re.sub(r"\s*\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = re.sub(r"(^|\s)#.*$", "", line).strip()
             if line:

@@ -57,15 +57,10 @@ def tool_calls(cmd: str) -> list[tuple[str, list[str]]]:
     return calls
 
 
-NO_OPTIONS = {"tools/experiments/estimate_check.py"}  # takes none: --help would run the whole check
-
-
 @lru_cache(maxsize=None)
 def known_flags(script: str) -> frozenset[str]:
     """Every --flag a script accepts: its --help for Python tools, its source for shell scripts."""
     path = ROOT / ("tools/zero_to_fp32.py" if script == "zero_to_fp32.py" else script)
-    if script in NO_OPTIONS:
-        return frozenset()
     if path.suffix == ".py":
         out = subprocess.run([sys.executable, str(path), "--help"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)

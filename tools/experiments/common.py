@@ -201,9 +201,12 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M"
 
 
-def markdown(study: Study, rows: list[dict], command: str, quick: bool) -> str:
+def markdown(study: Study, rows: list[dict], prov: dict, quick: bool) -> str:
+    """``prov``: megamoe.provenance.provenance(command) (command, commit, machine, date)."""
+    from megamoe.provenance import markdown_header
+
     lines = [f"# Study: {study.name}{' (--quick, toy size: not a result)' if quick else ''}", "",
-             study.describe, "", f"Command: `{command}`", "",
+             markdown_header(prov) + study.describe, "",
              f"Validation perplexity: mean ± standard error over seeds (exp of the mean loss; SE carried "
              "through). `Δ loss vs ref`: valid-loss difference to the group's reference arm, mean ± SE "
              "of the per-seed differences (paired: arms share each seed's data order); `vs ref`: its "
@@ -278,11 +281,14 @@ def plot_load(study: Study, records: list[dict], png: Path) -> None:
 
 
 def report(study: Study, out: Path, command: str, quick: bool) -> list[dict]:
+    from megamoe.provenance import provenance
+
     records = load_records(out)
     rows = summarise(study, records)
-    atomic_write_text(out / "summary.json", json.dumps({"study": study.name, "command": command, "quick": quick,
+    prov = provenance(command)
+    atomic_write_text(out / "summary.json", json.dumps({"study": study.name, **prov, "quick": quick,
                                                          "rows": rows}, indent=1) + "\n")
-    atomic_write_text(out / "summary.md", markdown(study, rows, command, quick))
+    atomic_write_text(out / "summary.md", markdown(study, rows, prov, quick))
     if records:
         plot_curves(study, records, out / "loss_curves.png")
         plot_load(study, records, out / "max_load.png")
@@ -318,7 +324,7 @@ def main(study: Study, argv=None) -> int:
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + args_shown)
     if not args.report_only:
         run_study(study, out, args.quick, seeds, only)
-    rows = report(study, out, command, args.quick)
-    print0(markdown(study, rows, command, args.quick))
+    report(study, out, command, args.quick)
+    print0((out / "summary.md").read_text())
     print0(f"wrote {out}/summary.md, summary.json, loss_curves.png, max_load.png")
     return 0

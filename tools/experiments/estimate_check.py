@@ -1,4 +1,4 @@
-"""tools/estimate.py's memory model against measured runs: the README's "Planning" table.
+"""tools/estimate.py's memory model against measured runs (the table in docs/planning.md).
 
     python tools/experiments/estimate_check.py     # after make demo; ~4 min on 2 CPU cores
 
@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from estimate import estimate, measure, peak_above_baseline_mb  # noqa: E402
 
 from megamoe.errors import UserError, cli_main  # noqa: E402
+from megamoe.provenance import markdown_header, provenance  # noqa: E402
 from megamoe.utils import atomic_write_text, progress  # noqa: E402
 
 BASE = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_layers=4", "model.num_heads=4",
@@ -73,7 +74,12 @@ def _slug(name: str) -> str:
 
 @cli_main
 def main() -> int:
+    import argparse
+
     from megamoe.run_config import load_run_config
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="Resumable: " + __doc__.split("Resumable: ")[1]).parse_args()
 
     config = ROOT / "configs" / "demo.yaml"
     if not (ROOT / "data" / "corpus_text_document.bin").is_file():
@@ -96,10 +102,11 @@ def main() -> int:
         atomic_write_text(cached, json.dumps(row) + "\n")
         rows.append(row)
     results = ROOT / "results"
+    prov = provenance(COMMAND)
     atomic_write_text(results / "estimate_check.json",
-                      json.dumps({"command": COMMAND, "steps": STEPS, "base_overrides": BASE, "rows": rows},
-                                 indent=2) + "\n")
-    md = [f"`{COMMAND}` ({STEPS} steps per variant; rank 0 where 2 ranks)", "",
+                      json.dumps({**prov, "steps": STEPS, "base_overrides": BASE, "rows": rows}, indent=2) + "\n")
+    md = ["# tools/estimate.py against measured peaks", "", markdown_header(prov).rstrip("\n"), "",
+          f"{STEPS} steps per variant; rank 0 where 2 ranks.", "",
           "| variant | measured MiB | predicted MiB | error |", "|---|---|---|---|"]
     md += [f"| {r['variant']} | {r['measured_mb']:.1f} | {r['predicted_mb']:.1f} | {r['error']:+.0%} |" for r in rows]
     atomic_write_text(results / "estimate_check.md", "\n".join(md) + "\n")

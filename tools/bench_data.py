@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -141,9 +140,11 @@ def markdown(r: dict) -> str:
     rows.append(f"| loader batch {lo['batch'][0]} x {lo['batch'][1]}, warm page cache ({lo['batches']} batches) "
                 f"| wall p50 {lo['p50_ms']:.2f} ms, **p99 {lo['p99_ms']:.2f} ms** (max {lo['max_ms']:.2f}); "
                 f"CPU p50 {lo['cpu_p50_ms']:.2f} ms, p99 {lo['cpu_p99_ms']:.2f} ms | p99 < 5 ms |")
-    return ("# Data pipeline benchmark\n\n" + "\n".join(rows) +
-            f"\n\nMachine: {r['machine']}; load average before/after: {r['loadavg_before']} / {r['loadavg_after']}."
-            f"\n\nCommand: `{r['command']}`\n")
+    from megamoe.provenance import markdown_header
+
+    prov = {k: r.get(k, "unknown") for k in ("command", "commit", "machine", "date")}
+    return ("# Data pipeline benchmark\n\n" + markdown_header(prov) + "\n".join(rows) +
+            f"\n\nLoad average before/after: {r['loadavg_before']} / {r['loadavg_after']}.\n")
 
 
 @cli_main
@@ -165,8 +166,9 @@ def main(argv=None):
             raise UserError(f"{p} not found; run `make data` first")
     command = "python tools/bench_data.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(f"command: {command}", flush=True)
-    result = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-              "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    from megamoe.provenance import provenance
+
+    result = {**provenance(command.strip()), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     lines = Path(args.corpus).read_text(encoding="utf-8").splitlines()
     texts = [json.loads(line)["text"] for line in lines]
     result["raw_encode"] = raw_encode(texts, args.tokenizer_model)

@@ -388,7 +388,9 @@ def main(argv=None) -> int:
                 ex["mpo_trees_up_proj"] = time_trees(layers["mpo"].experts, max(1, min(args.reps, 3)), device)
             extras[key] = ex
             del runs, layers
-    meta = dict(command=cmd, tokens=args.tokens, experts=args.experts, hidden=args.hidden, ffn=args.ffn,
+    from megamoe.provenance import provenance
+
+    meta = dict(**provenance(cmd), tokens=args.tokens, experts=args.experts, hidden=args.hidden, ffn=args.ffn,
                 threads=args.threads, torch=torch.__version__, dtype=args.dtype, device=args.device,
                 mpo_bond=args.mpo_bond, cpu_count=os.cpu_count(), load_average_1_5_15=os.getloadavg(), note=args.note)
     atomic_write_text(args.out + ".json", json.dumps(dict(meta=meta, rows=rows, cases=extras), indent=1))
@@ -404,7 +406,11 @@ def T_of(key: str) -> str:
 
 def render_md(meta, rows, extras) -> str:
     load = ", ".join(f"{v:.1f}" for v in meta["load_average_1_5_15"])
-    md = [f"`{meta['command']}`", "",
+    from megamoe.provenance import markdown_header
+
+    prov = {k: meta.get(k, "unknown") for k in ("command", "commit", "machine", "date")}
+    md = ["# One MoE layer: megamoe against dense, DeepSpeed-MoE and transformers", "",
+          markdown_header(prov).rstrip("\n"), "",
           f"D={meta['hidden']}, F={meta['ffn']}, {meta['dtype']} on {meta['device']}, {meta['threads']} threads, "
           f"torch {meta['torch']}, fwd+bwd, best of up to the rounds asked (interleaved; median in the JSON); "
           "goals: median of the paired rounds' ratios +- bootstrap standard error, tie = past the limit by at most 2 SE. "

@@ -455,11 +455,13 @@ def main(argv=None) -> int:
         for impl in ("megamoe", "transformers", "ds_ep2_2rank"):
             if f"{impl}_tokens_per_s" in row:
                 row[f"{impl}_mfu"] = row["flops_per_token"] * row[f"{impl}_tokens_per_s"] / peak
-    result = {"command": " ".join(["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
+    from megamoe.provenance import provenance
+
+    result = {**provenance(" ".join(["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)])),
               "device": args.device, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
               "threads": args.threads, "precision": precision, "megamoe_loop": args.megamoe_loop,
               "matmul_peak_flops": peak, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+              "rows": rows}
     out = Path(args.output or ("results/bench_train_cuda" if cuda else "results/bench_train"))
     out.parent.mkdir(parents=True, exist_ok=True)
     from megamoe.utils import atomic_write_text
@@ -564,7 +566,11 @@ def _expert_backend(device: str) -> str | None:
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"`{result.get('command', 'python tools/bench_train.py')}`", "",
+    from megamoe.provenance import markdown_header
+
+    prov = {"command": result.get("command", "python tools/bench_train.py"), "commit": result.get("commit", "unknown"),
+            "machine": result.get("machine", result["device"]), "date": result.get("date", "unknown")}
+    lines = ["# Training throughput: megamoe against transformers", "", markdown_header(prov).rstrip("\n"), "",
              f"{result.get('precision', 'fp32')} matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (higher of start and end) "
              f"({result.get('device_name', result['device'])}, {result['threads']} threads) = the MFU denominator; "
              f"{result.get('rounds', 1)} alternating rounds of {result['steps']} timed steps after {result['warmup']} warm-up "

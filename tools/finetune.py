@@ -151,11 +151,14 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
 
 
 def markdown(res: dict) -> str:
+    from megamoe.provenance import markdown_header
+
     s, tasks = res["summary"], res["tasks"]
     lines = ["# Multi-task fine-tuning suite", "",
              *([] if res["complete"] else [f"**INCOMPLETE: {res['done']} of {res['planned']} runs finished; the "
                                            "tables show what ran (resumable from the cache).**", ""]),
-             f"Command: `{res['command']}`", "", f"Base: {res['base']}", "",
+             markdown_header({k: res.get(k, "unknown") for k in ("command", "commit", "machine", "date")})
+             + f"Base: {res['base']}", "",
              f"{len(tasks)} tasks, {res['settings']['steps']} steps x batch {res['settings']['batch_size']}, "
              f"adapter lr {res['settings']['lr']}, routing lr {res['routing_lr']}, "
              f"{res['settings'].get('schedule', 'constant')} lr schedule, read-out: "
@@ -338,7 +341,9 @@ def main(argv=None):
 
     meta, _, test = data(sizes[0], seeds[0])
     num_classes = [len(meta[t]["labels"]) for t in tasks]
-    res = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + list(argv or sys.argv[1:])),
+    from megamoe.provenance import provenance
+
+    res = {**provenance("python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + list(argv or sys.argv[1:]))),
            "base": base.description + (f"; valid perplexity {base.valid_ppl:.1f}" if base.valid_ppl else ""),
            "tasks": tasks, "num_classes": num_classes, "sizes": sorted(sizes), "seeds": seeds, "arms": arms,
            "settings": settings, "routing_lr": adapter_cfg.routing_lr, "adapter_config": vars(adapter_cfg),

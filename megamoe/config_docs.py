@@ -215,6 +215,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
 def render_markdown() -> str:
     lines = []
     for title, path, cls, rows in reference_sections():
@@ -228,7 +233,7 @@ def render_markdown() -> str:
         for r in rows:
             name = r.path if path else r.path
             if r.type == "section":
-                lines.append(f"| `{name}` | section | | | {_cell(r.summary)} (table below) |")
+                lines.append(f"| `{name}` | section | | | {_cell(r.summary)} ([its fields](#{_anchor(r.path)})) |")
             else:
                 lines.append(f"| `{name}` | {r.type} | `{_cell(r.default)}` | {_cell(r.allowed)} | {_cell(r.summary)} |")
         lines.append("")

@@ -65,10 +65,13 @@ path; PP=2 x DP=2 within 2.2e-7. Why this route:
   checkpoint: a stage saves the canonical names of its blocks, so resharding across P is by
   name, as across TP and EP today.
 Its gaps (the next session's work):
-1. Not yet on megamoe's model: MoE dispatch inside a stage (EP all-to-all order with micro-batches
-   in flight), expert-bias counts, the MPO grad mask and the non-finite guard, which today hook
-   into each micro-batch's ``engine.backward``/``engine.step``, must move to the schedule's
-   ``loss_fn`` and to after ``sched.step()``.
+1. Not yet on megamoe's model. On the toy, an all-to-all over the stage's DP ranks in every
+   block, forward and backward, kept its order across peers with micro-batches in flight (PP=2
+   x DP=2, both schedules): peers of a stage run the same schedule, so an EP group inside a
+   stage issues its collectives in the same order. Still to move: expert-bias counts, the MPO
+   grad mask and the non-finite guard, which today hook into each micro-batch's
+   ``engine.backward``/``engine.step``, go to the schedule's ``loss_fn`` and after
+   ``sched.step()``.
 2. Static metadata: give ``input_args``/``output_args`` (else its shape inference runs the
    stage on placeholders, and an id-indexed embedding on stage 2 crashed).
 3. Tied embeddings: torch has no facility; verified on the toy: all-reduce the tied copies'

@@ -32,6 +32,9 @@ engine-driven backwards, which this route does not run; megamoe refuses ZeRO-2 a
 Tied head (``--tied``): the first and last stage all-reduce their copies' gradients before
 ``engine.step()`` and the later copy is marked ``ds_pipe_replicated`` (DeepSpeed's own mark for
 TiedLayerSpec copies, which ZeRO's norm skips): equal to a truly tied model within 1.1e-7.
+Expert-parallel stand-in (``--ep-exchange --dp 2``, 4 ranks): every block all-to-alls over its
+stage's DP ranks forward and backward with micro-batches in flight; both schedules keep the
+peers' collectives in the same order (tags checked at every call), no hang, same update.
 """
 
 from __future__ import annotations
@@ -57,17 +60,58 @@ class Embed(nn.Module):
         return self.emb(ids), ids
 
 
+EXCHANGE_GROUP = None  # --ep-exchange: the stage's data-parallel group, standing in for an EP group
+MISORDERED = []
+
+
+class Exchange(torch.autograd.Function):
+    """An expert dispatch + combine stand-in: all-to-all of the rows there and back (the value is
+    unchanged), forward and backward, over ``EXCHANGE_GROUP``; every call first all-gathers a tag
+    (block, direction, how many times this block ran that way) and records any peer whose tag
+    differs: the peers of a group must issue their collectives in the same order."""
+
+    calls: dict = {}
+
+    @staticmethod
+    def _exchange(x, tag):
+        key = (tag[0], tag[1])
+        Exchange.calls[key] = Exchange.calls.get(key, 0) + 1
+        mine = torch.tensor([tag[0], tag[1], Exchange.calls[key]])
+        tags = [torch.zeros_like(mine) for _ in range(dist.get_world_size(EXCHANGE_GROUP))]
+        dist.all_gather(tags, mine, group=EXCHANGE_GROUP)
+        if any(not torch.equal(t, mine) for t in tags):
+            MISORDERED.append([t.tolist() for t in tags])
+        flat = x.contiguous().view(dist.get_world_size(EXCHANGE_GROUP), -1)
+        there, back = torch.empty_like(flat), torch.empty_like(flat)
+        dist.all_to_all_single(there, flat, group=EXCHANGE_GROUP)
+        dist.all_to_all_single(back, there, group=EXCHANGE_GROUP)
+        return back.view_as(x)
+
+    @staticmethod
+    def forward(ctx, x, block):
+        ctx.block = block
+        return Exchange._exchange(x, (block, 0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return Exchange._exchange(grad, (ctx.block, 1)), None
+
+
 class Block(nn.Module):
     """Residual tanh block; with ``use_ids`` it also adds a row chosen by the token id, like a
     hash layer routing by its own micro-batch's ids (which travel beside the hidden state)."""
 
-    def __init__(self, use_ids: bool):
+    def __init__(self, use_ids: bool, index: int = 0):
         super().__init__()
         self.lin = nn.Linear(WIDTH, WIDTH)
         self.table = nn.Embedding(VOCAB, WIDTH) if use_ids else None
+        self.index = index
 
     def forward(self, h, ids):
-        x = h + torch.tanh(self.lin(h))
+        y = torch.tanh(self.lin(h))
+        if EXCHANGE_GROUP is not None:
+            y = Exchange.apply(y, self.index)
+        x = h + y
         return (x + self.table(ids) if self.table is not None else x), ids
 
 
@@ -102,7 +146,7 @@ TIED = False  # --tied
 def all_layers() -> list[nn.Module]:
     torch.manual_seed(0)
     embed = Embed()
-    blocks = [Block(use_ids=i >= BLOCKS // 2) for i in range(BLOCKS)]
+    blocks = [Block(use_ids=i >= BLOCKS // 2, index=i) for i in range(BLOCKS)]
     return [embed, *blocks, Head(tied_to=embed.emb.weight if TIED else None)]
 
 
@@ -193,6 +237,7 @@ def deepspeed_reference(args):
 
 
 def pipelined(args):
+    global EXCHANGE_GROUP
     import deepspeed
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
@@ -217,6 +262,8 @@ def pipelined(args):
     mine = [c for c in range(n_chunks) if c % P == stage]  # chunks s, s + P, ...
     chunks = {c: Chunk(layers[starts[c]:starts[c] + sizes[c]]) for c in mine}
     in_flight = InFlight(mine)
+    if args.ep_exchange:
+        EXCHANGE_GROUP = dp_groups[stage]
     # tied head: the last stage's copy is marked replicated, so ZeRO's norm counts the weight once
     embedding_groups = [dist.new_group(sorted({d, d + (P - 1) * dp})) for d in range(dp)]
     tied_copy = None
@@ -255,11 +302,15 @@ def pipelined(args):
         engine.step()  # the boundary: reduce over the stage's DP ranks, clip by the norm over stages, update
         norms.append(float(engine.get_global_grad_norm() or 0.0))
     peaks = [None] * world
-    dist.all_gather_object(peaks, {"stage": stage, "peak_per_chunk": in_flight.peak_per_chunk})
+    dist.all_gather_object(peaks, {"stage": stage, "peak_per_chunk": in_flight.peak_per_chunk,
+                                   "exchanges": sum(Exchange.calls.values()), "misordered": MISORDERED[:3]})
+    exchange = {"exchanges_per_rank": [p["exchanges"] for p in peaks],
+                "misordered": [p["misordered"] for p in peaks if p["misordered"]]} if args.ep_exchange else {}
     got = {f"layers.{starts[c] + int(n.split('.')[1])}.{n.split('.', 2)[2]}": p.detach().float().clone()
            for c in mine for n, p in chunks[c].named_parameters()}
     gathered = [None] * world
     dist.all_gather_object(gathered, got)
+    EXCHANGE_GROUP = None  # the exchange is the identity: the one-process reference runs without it
     if rank == 0:
         merged = {k: v for part in gathered for k, v in part.items()}
         if args.reference:
@@ -279,7 +330,7 @@ def pipelined(args):
             "reference_moved": max((ref[k] - init[k]).abs().max().item() for k in ref),
             "reference_norms": ref_norms, "pipeline_norms": norms,
             # forward activations alive per chunk when the stage held the most (rank order)
-            "in_flight_at_peak": [p["peak_per_chunk"] for p in peaks]}))
+            "in_flight_at_peak": [p["peak_per_chunk"] for p in peaks], **exchange}))
     dist.barrier()
 
 
@@ -292,6 +343,8 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--dp", type=int, default=1, help="data-parallel ranks per stage (world = PP x DP)")
     ap.add_argument("--tied", action="store_true", help="tie the LM head to the embedding (first and last stage)")
+    ap.add_argument("--ep-exchange", action="store_true",
+                    help="every block all-to-alls over its stage's DP ranks (an EP stand-in) and checks the order")
     ap.add_argument("--reference", default=None, help="compare with this --make-reference file (bf16)")
     ap.add_argument("--make-reference", default=None, help="write DeepSpeed's one-rank result here and exit")
     args = ap.parse_args()

@@ -67,7 +67,7 @@ def _python_block(page: str, marker: str) -> str:
     return next(b for b in blocks if marker in b)
 
 
-@pytest.mark.slow  # 231 s on the loaded 2-core machine (demo 43 s, 2-step resume 33 s, fine-tuning 43 s)
+@pytest.mark.slow  # 176-231 s on the shared 2-core machine (the short demo alone 43-55 s)
 def test_docs_commands_run_after_a_short_demo(tmp_path):
     if not (ROOT / "data" / "corpus_text_document.bin").is_file():
         pytest.skip("needs make data (make test runs it first)")

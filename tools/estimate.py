@@ -373,8 +373,10 @@ def main(argv=None) -> int:
         r["memory_bytes_per_rank"]["runtime"] = args.runtime_mb * 2**20
         r["memory_bytes_per_rank"]["total"] += args.runtime_mb * 2**20
     lay, p, mem = r["layout"], r["params"], r["memory_bytes_per_rank"]
-    pp = f" PP={lay['pp']}" + (f" VP={lay['virtual_stages']}" if lay["virtual_stages"] > 1 else "") if lay["pp"] > 1 else ""
-    print(f"layout     world={lay['world']} TP={lay['tp']}{pp} EP={lay['ep']} DP={lay['dp']} expert-DP={lay['expert_dp']} "
+    pp = f" PP={lay['pp']}" if lay["pp"] > 1 else ""
+    pp += f" VP={lay['virtual_stages']}" if lay["virtual_stages"] > 1 else ""
+    print(f"layout     world={lay['world']} TP={lay['tp']}{pp} EP={lay['ep']} DP={lay['dp']} "
+          f"expert-DP={lay['expert_dp']} "
           f"ZeRO-{lay['zero_stage']} {lay['precision']} micro-batch={lay['micro_batch']} x accum "
           f"{lay['grad_accumulation']} seq={lay['seq_length']}")
     print(f"params     total {p['total'] / 1e6:,.1f} M  active {p['active'] / 1e6:,.1f} M  (experts "

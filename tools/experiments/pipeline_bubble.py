@@ -126,7 +126,8 @@ def main():
                          "formula_bubble_s": (P - 1) * t / V, "overhead_per_micro_batch": a / t - 1})
         meta["fits"] = fits
         out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-        lines = ["| schedule | m | wall (s) | ideal (s) | measured bubble | (P-1)/(V·m+P-1) |", "|---|---|---|---|---|---|"]
+        lines = ["| schedule | m | wall (s) | ideal (s) | measured bubble | (P-1)/(V·m+P-1) |",
+                 "|---|---|---|---|---|---|"]
         for r in rows:
             name = "1F1B" if r["V"] == 1 else f"interleaved V={r['V']}"
             lines.append(f"| {name} | {r['micro_batches']} | {r['wall_s']:.3f} | {r['ideal_s']:.3f} | "

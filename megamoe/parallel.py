@@ -79,9 +79,11 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
     if strict.strict_nccl_requested():
         strict.prepare_strict_nccl()
         timeout = strict.strict_timeout()
-    if os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
+    if os.environ["WORLD_SIZE"] == "1" and not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
         # A world of one on a private port, NOT exported as MASTER_PORT: child processes
-        # (tests, tools) would inherit a port this process holds and fail with EADDRINUSE.
+        # (tests, tools) would inherit a port this process holds and fail with EADDRINUSE. Also
+        # where only MASTER_PORT is set (`MASTER_PORT=... bash launch/cpu_demo.sh` exports it to the
+        # evaluation it runs after training): env:// would fail for want of MASTER_ADDR.
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1, timeout=timeout)
     else:

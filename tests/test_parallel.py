@@ -115,3 +115,17 @@ def test_slurm_task_picks_its_gpu(visible, want):
                        text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1].startswith(want), p.stdout
+
+
+def test_a_single_process_tool_starts_with_only_master_port_set():
+    """``MASTER_PORT=29600 bash launch/cpu_demo.sh`` exports MASTER_PORT to the evaluate.py it runs
+    after training; without MASTER_ADDR, env:// initialisation failed with a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["MASTER_PORT"] = str(parallel.free_port())
+    code = "from megamoe import parallel; parallel.init_distributed(); import torch.distributed as d; print(d.get_world_size())"
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "1", p.stderr[-2000:]

@@ -2,7 +2,7 @@
 schedules of the recommended route (torch.distributed.pipelining), P=2 CPU ranks over gloo.
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tools/experiments/pipeline_bubble.py \\
-        --out results/pipeline_bubble   # writes .json and .md
+        --out results/pipeline_bubble   # writes .json and .md (run it on a quiet machine)
 
 Each stage is the same stack of residual MLP blocks (so the stages are balanced). For m = 4, 8,
 16 micro-batches and V = 1 (Schedule1F1B) and 2 (ScheduleInterleaved1F1B, the same blocks as two
@@ -26,12 +26,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # megamoe, run from anywhere
 
 WIDTH, TOKENS, BLOCKS_PER_STAGE = 256, 256, 4  # ~55 ms of forward + backward per micro-batch and stage
 
@@ -110,11 +113,13 @@ def main():
     if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc_per_node {P} "
-                           f"tools/experiments/pipeline_bubble.py --micro-batches {args.micro_batches} "
-                           f"--repeats {args.repeats}",
-                "torch": torch.__version__, "width": WIDTH, "tokens_per_micro_batch": TOKENS,
-                "blocks_per_stage": BLOCKS_PER_STAGE, "rows": rows}
+        from megamoe.provenance import markdown_header, provenance
+
+        prov = provenance(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc_per_node {P} "
+                          f"tools/experiments/pipeline_bubble.py --micro-batches {args.micro_batches} "
+                          f"--repeats {args.repeats} --out {args.out}")
+        meta = {**prov, "width": WIDTH, "tokens_per_micro_batch": TOKENS, "blocks_per_stage": BLOCKS_PER_STAGE,
+                "rows": rows}
         fits = []
         for V in (1, 2):
             rs = [r for r in rows if r["V"] == V]
@@ -125,6 +130,8 @@ def main():
             fits.append({"V": V, "slope_s_per_micro_batch": a, "intercept_s": mw - a * mm, "ideal_s_per_micro_batch": t,
                          "formula_bubble_s": (P - 1) * t / V, "overhead_per_micro_batch": a / t - 1})
         meta["fits"] = fits
+        per_mb = [r["ideal_s"] / r["micro_batches"] for r in rows]
+        meta["ideal_per_micro_batch_spread"] = max(per_mb) / min(per_mb) - 1
         out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
         lines = ["| schedule | m | wall (s) | ideal (s) | measured bubble | (P-1)/(V·m+P-1) |",
                  "|---|---|---|---|---|---|"]
@@ -138,8 +145,14 @@ def main():
             name = "1F1B" if f["V"] == 1 else f"interleaved V={f['V']}"
             lines.append(f"| {name} | {f['intercept_s']:.3f} | {f['formula_bubble_s']:.3f} | "
                          f"{f['overhead_per_micro_batch']:+.0%} |")
+        spread = meta["ideal_per_micro_batch_spread"]
+        lines += ["", f"Ideal time per micro-batch varied by {spread:.1%} over the runs" +
+                  (" (a quiet machine)." if spread <= 0.05 else
+                   ": the machine was busy and these numbers are not the schedule's; rerun.")]
         table = "\n".join(lines)
-        out.with_suffix(".md").write_text(f"`{meta['command']}` (P={P} CPU ranks, gloo)\n\n{table}\n")
+        out.with_suffix(".md").write_text(f"# Pipeline bubble: measured against (P-1)/(V·m+P-1)\n\n{markdown_header(prov)}"
+                                          f"P={P} CPU ranks over gloo, torch.distributed.pipelining schedules.\n\n"
+                                          f"{table}\n")
         print(table)
     dist.destroy_process_group()
 

@@ -36,7 +36,9 @@ Model Training on GPU Clusters Using Megatron-LM", section 2.2):
   be a multiple of its number of rounds max(1, m // P), which this implies).
 - Bubble: the paper gives idle time over ideal time, ``(P-1)/m`` and ``(P-1)/(V·m)``. Reported
   here as a fraction of the whole step, ``(P-1)/(m+P-1)`` and ``(P-1)/(V·m+P-1)`` (the same
-  statement: bubble / (ideal + bubble)), everywhere.
+  statement: bubble / (ideal + bubble)), everywhere. Measured on torch's schedules at P=2
+  (results/pipeline_bubble.md): the fill-and-drain time matches (P-1)·t/V within 10%; gloo's
+  send/receive adds ~5% per micro-batch on top, which the formula leaves out.
 
 Engine route (issue 27 item 3), from ../shared/design/pipeline.md (torch 2.13, deepspeed
 0.19.8, megatron-core 0.16.1, runs on CPU/gloo) and tools/experiments/pipeline_route_probe.py:

@@ -59,8 +59,10 @@ path; PP=2 x DP=2 within 2.2e-7. Why this route:
   schedules allocate on CUDA and cannot run in CPU CI.
 - Token ids and positions travel as int tensors beside the hidden state (hash layers and
   hash-MoE route by their own micro-batch's ids), verified on both routes.
-- Aux losses leave a stage carried as a float sum added in the loss (matched), or through
-  megatron-core's ``MoEAuxLossAutoScaler`` at scale 1 (``scale_grads`` divides by m; matched).
+- Aux losses leave a stage carried as a float sum beside the hidden state and ids, added in the
+  last stage's loss (megamoe's lm + aux + z; matched in pipeline.md and in the probe with
+  DeepSpeed stepping), or through megatron-core's ``MoEAuxLossAutoScaler`` at scale 1
+  (``scale_grads`` divides by m; matched in pipeline.md).
   Per-layer logging stays megamoe's (each rank logs the layers it holds).
 - megamoe keeps its trainer loop, ``mpu=MegatronMPU()`` (the PipelineEngine asserts
   ``mpu is None`` and builds its own grid), its canonical parameter names and its universal

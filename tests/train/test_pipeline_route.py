@@ -46,6 +46,18 @@ def test_schedules_under_zero1_equal_one_process(virtual_stages):
 
 
 @pytest.mark.slow
+def test_balance_losses_of_every_stage_reach_the_loss():
+    """Every block adds 0.5 x mean(y^2) to a sum that travels with the micro-batch beside the
+    hidden state and ids; the last stage's loss is cross-entropy + that sum, as megamoe's
+    lm + aux + z at PP=1. The aux terms move the reference's grad norm from 1.279 to 1.313; the
+    pipeline matches it and the parameters (measured 1.1e-7)."""
+    p, r = probe("--aux-coef", "0.5", "--virtual-stages", "2")
+    assert p.returncode == 0 and r, p.stderr[-3000:]
+    assert r["reference_norms"][0] == pytest.approx(1.3130, abs=1e-3)  # the aux terms are in it
+    assert r["max_rel_param_diff"] < 1e-6 and r["pipeline_norms"] == pytest.approx(r["reference_norms"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_tied_head_across_stages():
     """Embedding on stage 0, its tied copy as the head on stage 1: the copies' gradients summed
     over the two stages before engine.step() and the later copy marked ``ds_pipe_replicated``

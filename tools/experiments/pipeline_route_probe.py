@@ -32,6 +32,9 @@ engine-driven backwards, which this route does not run; megamoe refuses ZeRO-2 a
 Tied head (``--tied``): the first and last stage all-reduce their copies' gradients before
 ``engine.step()`` and the later copy is marked ``ds_pipe_replicated`` (DeepSpeed's own mark for
 TiedLayerSpec copies, which ZeRO's norm skips): equal to a truly tied model within 1.1e-7.
+Balance losses (``--aux-coef``): each block adds its term to a float sum that travels with the
+micro-batch, ``(hidden, ids, aux_sum)``, and the last stage's loss adds it (megamoe's
+lm + aux + z): equal to one process within 1.1e-7 with the terms moving the norm by 2.7%.
 Expert-parallel stand-in (``--ep-exchange --dp 2``, 4 ranks): every block all-to-alls over its
 stage's DP ranks forward and backward with micro-batches in flight; both schedules keep the
 peers' collectives in the same order (tags checked at every call), no hang, same update.
@@ -57,7 +60,8 @@ class Embed(nn.Module):
         self.emb = nn.Embedding(VOCAB, WIDTH)
 
     def forward(self, ids):
-        return self.emb(ids), ids
+        # the balance-loss sum starts here and travels with the micro-batch (fp32 under bf16)
+        return self.emb(ids), ids, torch.zeros(1)
 
 
 EXCHANGE_GROUP = None  # --ep-exchange: the stage's data-parallel group, standing in for an EP group
@@ -107,12 +111,14 @@ class Block(nn.Module):
         self.table = nn.Embedding(VOCAB, WIDTH) if use_ids else None
         self.index = index
 
-    def forward(self, h, ids):
+    def forward(self, h, ids, aux):
         y = torch.tanh(self.lin(h))
         if EXCHANGE_GROUP is not None:
             y = Exchange.apply(y, self.index)
+        if AUX_COEF:  # a router's balance loss stand-in, added to the carried sum
+            aux = aux + AUX_COEF * (y.float() ** 2).mean()
         x = h + y
-        return (x + self.table(ids) if self.table is not None else x), ids
+        return (x + self.table(ids) if self.table is not None else x), ids, aux
 
 
 class Head(nn.Module):
@@ -124,8 +130,8 @@ class Head(nn.Module):
         self.out = None if tied_to is not None else nn.Linear(WIDTH, VOCAB)
         self.weight = tied_to
 
-    def forward(self, h, ids):
-        return h @ self.weight.t() if self.out is None else self.out(h)
+    def forward(self, h, ids, aux):
+        return (h @ self.weight.t() if self.out is None else self.out(h)), aux
 
 
 class Chunk(nn.Module):
@@ -141,6 +147,7 @@ class Chunk(nn.Module):
 
 
 TIED = False  # --tied
+AUX_COEF = 0.0  # --aux-coef
 
 
 def all_layers() -> list[nn.Module]:
@@ -156,8 +163,11 @@ def batch(step: int, dp: int):
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def loss_fn(logits, target):
-    return F.cross_entropy(logits.reshape(-1, VOCAB).float(), target.reshape(-1))
+def loss_fn(output, target):
+    """Cross-entropy plus the balance losses every stage added to the carried sum (megamoe's
+    loss = lm + aux + z, as at PP=1)."""
+    logits, aux = output
+    return F.cross_entropy(logits.reshape(-1, VOCAB).float(), target.reshape(-1)) + aux.sum()
 
 
 def optimizer(params, kind: str):
@@ -279,10 +289,12 @@ def pipelined(args):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     ids_like = torch.zeros(MICRO_BATCH, SEQ, dtype=torch.long)
     h_like = torch.zeros(MICRO_BATCH, SEQ, WIDTH, dtype=dtype, requires_grad=True)
+    aux_like = torch.zeros(1, requires_grad=True)
+    logits_like = torch.zeros(MICRO_BATCH, SEQ, VOCAB, dtype=dtype)
     stages = [PipelineStage(chunks[c], c, n_chunks, torch.device("cpu"), group=pp_groups[dp_rank],
-                            input_args=(ids_like,) if c == 0 else (h_like, ids_like),
-                            output_args=torch.zeros(MICRO_BATCH, SEQ, VOCAB, dtype=dtype) if c == n_chunks - 1
-                            else (h_like, ids_like)) for c in mine]
+                            input_args=(ids_like,) if c == 0 else (h_like, ids_like, aux_like),
+                            output_args=(logits_like, aux_like) if c == n_chunks - 1
+                            else (h_like, ids_like, aux_like)) for c in mine]
     sched = (Schedule1F1B(stages[0], n_microbatches=MICRO_BATCHES, loss_fn=loss_fn, scale_grads=True) if V == 1 else
              ScheduleInterleaved1F1B(stages, n_microbatches=MICRO_BATCHES, loss_fn=loss_fn, scale_grads=True))
     norms = []
@@ -343,14 +355,16 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--dp", type=int, default=1, help="data-parallel ranks per stage (world = PP x DP)")
     ap.add_argument("--tied", action="store_true", help="tie the LM head to the embedding (first and last stage)")
+    ap.add_argument("--aux-coef", type=float, default=0.0,
+                    help="every block adds coef x mean(y^2) to a balance-loss sum carried to the loss")
     ap.add_argument("--ep-exchange", action="store_true",
                     help="every block all-to-alls over its stage's DP ranks (an EP stand-in) and checks the order")
     ap.add_argument("--reference", default=None, help="compare with this --make-reference file (bf16)")
     ap.add_argument("--make-reference", default=None, help="write DeepSpeed's one-rank result here and exit")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    global TIED
-    TIED = args.tied
+    global TIED, AUX_COEF
+    TIED, AUX_COEF = args.tied, args.aux_coef
     deepspeed_reference(args) if args.make_reference else pipelined(args)
 
 

@@ -80,6 +80,12 @@ def test_moe_400b_fits_with_pp_and_not_without():
     assert {row["parallel"]["tp"] for row in no_pp} == {1, 2, 4, 8} and {row["zero_stage"] for row in no_pp} == {1, 2}
     assert min(row["peak_bytes"] for row in no_pp) > 1.15 * 80 * GiB
     assert rows[0]["fits"] and rows[0]["parallel"]["pp"] > 1
+    # the rule: fewest stages, then the smallest TP, EP, ZeRO stage, memory
+    fits = [row for row in rows if row["fits"]]
+    keys = [(r["parallel"]["pp"], r["parallel"]["tp"], r["parallel"]["ep"], r["zero_stage"], r["peak_bytes"])
+            for r in fits]
+    assert keys == sorted(keys) and fits == rows[:len(fits)]
+    assert (rows[0]["parallel"]["pp"], rows[0]["parallel"]["tp"], rows[0]["parallel"]["ep"]) == (4, 8, 2)
     assert all(row["zero_stage"] == 1 for row in rows if row["parallel"]["pp"] > 1)
 
 

@@ -49,8 +49,7 @@ QUICK_ARMS = "head,lora:rank=16,poly,cpoly,tensorpoly1,mta,mta_one"
 LABELS = {"lora:rank=16": "shared LoRA r=16 (Poly's size)", "cpoly:num_skills=0": "private LoRA per task (r=4)",
           "lora:rank=1": "LoRA r=1 (TensorPoly's size class)", "head": "head only", "poly": "Poly",
           "cpoly": "C-Poly", "tensorpoly1": "TensorPoly-I", "tensorpoly2": "TensorPoly-II",
-          "mta": "MTA two-stage", "mta_one": "MTA one-stage",
-          "tensorpoly1:tensor_init=zero": "TensorPoly-I, no-op init (tensor_init=zero)"}
+          "mta": "MTA two-stage", "mta_one": "MTA one-stage"}
 RECIPE = 2
 POOL_DESC = {"mean": "mean of the real tokens' final states", "last": "last real token's final state"}
 # (label, arm a, arm b or a list averaged): "a - b" with a paired bootstrap interval
@@ -119,6 +118,8 @@ def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], t
                          "routing_entropy": [float(np.mean([r["routing_entropy"][i] for r in rs]))
                                              if rs[0]["routing_entropy"][0] is not None else None for i in (0, 1)],
                          "routing_learned": (all(learned) if learned else None),
+                         "adapters_moved": (None if any(r.get("adapters_moved") is None for r in rs)
+                                            else all(r["adapters_moved"] for r in rs)),
                          "train_s": float(np.mean([r["train_s"] for r in rs]))})
     claims = []
     for size in sizes:
@@ -178,6 +179,8 @@ def markdown(res: dict) -> str:
             ent_s = "-" if ent[0] is None else f"{ent[0]:.3f} -> {ent[1]:.3f}"
             if r["routing_learned"] is False:
                 ent_s += " **routing did not learn**"
+            if r.get("adapters_moved") is False:
+                ent_s += " **adapters did not move (dead arm)**"
             lines.append(f"| {r['label']} | {r['seeds']} | **{r['avg']:.3f}** [{r['avg_ci'][0]:.3f}, {r['avg_ci'][1]:.3f}] | "
                          + " | ".join(f"{a:.3f}" for a in r["per_task"]) + f" | {r['adapter_params']:,} | {ent_s} |")
         lines.append("")

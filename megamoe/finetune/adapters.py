@@ -30,6 +30,9 @@ class CPoly(LowRankAdapter):
             raise ConfigError("num_splits", H, f"must divide the adapted layer's in ({in_features}) and "
                               f"out ({out_features}) features")
         self.H, self.S, self.P, self.r, self.scale = H, S, P, r, cfg.alpha / r
+        # with one private skill normalised on its own ("separate") its weight is 1 whatever its
+        # logit: such logits would be parameters that never get a gradient, so none are made
+        self.route_private = cfg.cpoly_route_private and (P > 1 or cfg.cpoly_normalize == "joint")
         self.lora_A = torch.nn.Parameter(torch.empty(H, S, in_features // H, r))
         self.lora_B = torch.nn.Parameter(torch.zeros(H, S, r, out_features // H))
         self.module_logits = torch.nn.Parameter(torch.empty(T, H * S).uniform_(-1e-3, 1e-3))
@@ -38,7 +41,7 @@ class CPoly(LowRankAdapter):
             self.private_A = torch.nn.Parameter(torch.empty(T, H, P, in_features // H, r))
             self.private_B = torch.nn.Parameter(torch.zeros(T, H, P, r, out_features // H))
             self._init_A(self.private_A)
-            if cfg.cpoly_route_private:
+            if self.route_private:
                 self.module_logits_private = torch.nn.Parameter(torch.empty(T, H * P).uniform_(-1e-3, 1e-3))
 
     @staticmethod
@@ -53,7 +56,7 @@ class CPoly(LowRankAdapter):
                                cfg.relaxed_bernoulli)
         if not self.P:
             return normalise(ws), None
-        if cfg.cpoly_route_private:
+        if self.route_private:
             wp = relaxed_bernoulli(self.module_logits_private[tasks_B].view(B, H, self.P), self.training,
                                    cfg.temperature, cfg.relaxed_bernoulli)
         else:

@@ -17,13 +17,14 @@ Decisions on the papers' open points (all are settings; defaults and why):
   always gets its private LoRA at full weight beside the shared mixture (the paper's two
   allocation matrices, task-common and task-specific). ``"joint"`` normalises shared and
   private together (with S=4, P=1 the private skill starts at 1/5 of the weight) and with zero
-  private skills is Poly. ``cpoly_route_private``: private skills get learned logits too (a
-  no-op with ``"separate"`` and P=1).
+  private skills is Poly. ``cpoly_route_private``: private skills get learned logits too
+  (none are made with ``"separate"`` and P=1, where they would never get a gradient).
 - TensorPoly-I/II follow mttl branch ``zs_code`` ``mttl/models/poly.py`` (``PolyLoRATensor``,
   ``PolyLoRATensorOrder``): leaves of length ceil(d^(1/order)), a LayerNorm([rank, m^2]) after
   each pairwise leaf product, order in {1, 2, 4}, ``num_skills`` tensor-rank components, and
-  the official init (``tensor_init="official"``: not a no-op). ``"zero"`` zeroes B's
-  LayerNorm affine (or B's leaves at order 1) so the adapter starts as a no-op.
+  the official init (``tensor_init="official"``: not a no-op). ``"zero"`` (megamoe's, not in
+  mttl) zeroes B's LayerNorm affine (or B's leaves at order 1) so the adapter starts as a
+  no-op; it is refused at order 4, where B = kron(0, 0) is a saddle with every gradient 0.
 - MTA (ALTER): one bottleneck adapter per task on every decoder layer's output hidden state,
   mixed by a task-level router (``mta_router="task"``, a learned [T, T] logit table);
   ``mta_router_init`` puts weight on the task's own adapter so stage 2 starts where stage 1
@@ -75,7 +76,7 @@ class AdapterConfig:
     tensor_order: int = 4
     """TensorPoly leaves per Kronecker product (official best: 4)."""
     tensor_init: Literal["official", "zero"] = "official"
-    """TensorPoly init: the official one (not a no-op) or zero (the adapter starts as a no-op)."""
+    """TensorPoly init: the official one (not a no-op) or zero (a no-op start; orders 1 and 2 only)."""
     # MTA (ALTER)
     bottleneck: int = 16
     """MTA adapter width m (D -> m -> D)."""
@@ -106,6 +107,9 @@ class AdapterConfig:
         check(self.tensor_order in (1, 2, 4), "tensor_order", self.tensor_order,
               "must be 1, 2 or 4 (the orders the official TensorPoly code builds)")
         check(self.tensor_init in ("official", "zero"), "tensor_init", self.tensor_init, "must be 'official' or 'zero'")
+        check(not (self.method.startswith("tensorpoly") and self.tensor_init == "zero" and self.tensor_order == 4),
+              "tensor_init", self.tensor_init, "zero at tensor_order=4 makes B = kron(0, 0), a saddle where every "
+              "adapter gradient is 0: use tensor_init=official, or tensor_order 1 or 2")
         if self.method == "poly":  # PEFT's PolyRouter: relaxed Bernoulli at temperature 1, scale 1/r
             check(self.temperature == 1.0 and self.relaxed_bernoulli and self.alpha == 1.0, "method", self.method,
                   "runs PEFT's Poly (temperature 1, relaxed Bernoulli, scale 1/r); for other settings use "

@@ -189,7 +189,9 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
                     dp: bool = False, on_model: Callable | None = None, pool: str = "mean",
                     schedule: str = "linear") -> dict:
     """Train ``spec`` from a fresh base; return accuracies, sizes, routing entropy, per-example
-    correctness (``right``: a '0'/'1' string over the test set, for bootstrap intervals).
+    correctness (``right``: a '0'/'1' string over the test set, for bootstrap intervals), and
+    ``adapters_moved``: did any adapter parameter change (False flags a dead arm, e.g. a
+    saddle at init; None for ``head``).
     ``pool``: the classifier's read-out (megamoe.finetune.classify); ``schedule``: see above.
     ``on_model(clf, injected)`` is called after training (e.g. to save the adapters)."""
     from megamoe.utils import progress
@@ -236,6 +238,7 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
     if two_stage:  # count what either stage trains
         trainable = sum(p.numel() for n, p in clf.named_parameters() if p.requires_grad or n.endswith("router_logits"))
     ent0 = mean_routing_entropy(base) if cfg else None
+    start = [p.detach().clone() for p in inj.adapter_params()] if inj is not None else []
     gen = torch.Generator().manual_seed(seed)
     t0, losses = time.time(), []
     for step in progress(range(steps + stage2), desc=spec):
@@ -251,6 +254,8 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
         losses.append(loss.item())
     train_s = time.time() - t0
     ent1 = mean_routing_entropy(base) if cfg else None
+    moved = max((float((p.detach() - p0).abs().max()) for p, p0 in zip(inj.adapter_params(), start) if p.numel()),
+                default=0.0) if inj is not None else None
     right = evaluate(clf, test)
     acc = per_task_acc(right, test.tasks, T)
     if on_model is not None:
@@ -261,4 +266,5 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
             "trainable_params": trainable, "total_params": total, "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-tail:]) / tail if losses else None, "train_s": train_s,
             "adapter_steps": steps, "stage2_steps": stage2, "pool": pool, "schedule": schedule, "routing_entropy": [ent0, ent1],
-            "routing_learned": learned, "right": "".join("1" if r else "0" for r in right.tolist())}
+            "routing_learned": learned, "adapter_max_change": moved,
+            "adapters_moved": None if moved is None else moved > 0, "right": "".join("1" if r else "0" for r in right.tolist())}

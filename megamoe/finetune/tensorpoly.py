@@ -28,8 +28,13 @@ Routing (task level, relaxed Bernoulli or sigmoid, normalised to sum 1, scale ``
 Init (``tensor_init="official"``): TensorPoly-I both leaf sets U(+-gain/sqrt(I)) with
 gain = calculate_gain("leaky_relu", sqrt(5)) ~ 0.577; TensorPoly-II Xavier-uniform on the
 4-D leaf tensors. B is *not* zero, so unlike LoRA the adapter changes the model at init (the
-LayerNorm makes the constructed rows O(1) whatever the leaf scale). ``"zero"`` zeroes B's
-LayerNorm affine (order 1: B's leaves) for a no-op start; the gradient still reaches it.
+LayerNorm makes the constructed rows O(1) whatever the leaf scale). ``"zero"`` is megamoe's
+departure (mttl has no zero init for TensorPoly; its plain Poly ``PolyLoRALinear.reset_parameters``
+zeroes ``lora_b``, the LoRA convention): it zeroes B's LayerNorm affine (order 1: B's leaves) for
+a no-op start. At order 2 the gradient reaches that affine (B = LN(.), linear in it). Trap, why
+the config refuses it at order 4: B = kron(LN(l0 (x) l1), LN'(l2 (x) l3)) with both factors 0 is a
+bilinear saddle -- every adapter gradient is exactly 0 forever (the old suite's dead arm,
+issue 29; tests/finetune/test_adapters.py checks every order and init).
 """
 
 from __future__ import annotations

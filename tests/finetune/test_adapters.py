@@ -2,6 +2,7 @@
 official construction, MTA on the hidden state, a toy fit that needs task routing, config errors."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -336,3 +337,66 @@ def test_adapters_are_created_on_the_base_models_device(method):
     inject_adapters(model, _cfg(method))
     found = adapters(model)
     assert found and {p.device.type for a in found for p in a.parameters()} == {"meta"}
+
+
+# ------------------------------------------------------------------ no dead arms (issue 29)
+
+_ORDERS_INITS = [(o, i) for o in (1, 2, 4) for i in ("official", "zero")]
+
+
+def _grad_cases():
+    """Every adapter the suite offers; TensorPoly at every order and init the config accepts."""
+    cases = [("lora", {}), ("poly", {}), ("cpoly", {}), ("cpoly:num_skills=0", {}), ("mta_one", {})]
+    for method in ("tensorpoly1", "tensorpoly2"):
+        for order, init in _ORDERS_INITS:
+            try:
+                AdapterConfig(method=method, tensor_order=order, tensor_init=init)
+            except ConfigError:
+                continue  # refused at construction: no arm can run it
+            cases.append((method, {"tensor_order": order, "tensor_init": init}))
+    return cases
+
+
+def _group(name: str) -> str:
+    """A parameter's group: its name without the layer and module path (``leaves_B``,
+    ``norms_A.0.weight``, ``lora_B.default.weight``, ``down``)."""
+    return re.split(r"_proj\.|layers\.\d+\.", name)[-1].removeprefix("adapter.")
+
+
+@pytest.mark.parametrize("method, kw", _grad_cases(), ids=lambda x: x if isinstance(x, str) else
+                         "-".join(f"{k}={v}" for k, v in x.items()))
+def test_every_adapter_parameter_group_gets_a_gradient_from_init(method, kw):
+    """No dead arms: from the init every parameter group of every offered adapter (TensorPoly at
+    every order and init) gets a non-zero gradient within two steps. LoRA-convention adapters
+    (one factor zero) give the other factor and the routing no gradient at step 0 -- by design,
+    the zero factor's gradient moves it -- so the check is: the step-0 gradient is non-zero
+    somewhere, and after one SGD step every group's gradient is. ``tensor_init=zero`` at order 4
+    failed it: B = kron(LN(.)=0, LN(.)=0) is a bilinear saddle where every adapter gradient
+    stays exactly 0 (the dead arm of the old suite, issue 29)."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    _, cfg = method_config(method, _cfg("lora", **({"rank": 2, "num_skills": 2} | kw)), T)
+    inject_adapters(model, cfg)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.numel()}
+    assert params
+    ids, tasks = torch.randint(0, 32, (4, 6)), torch.tensor([0, 1, 0, 1])
+    set_task_ids(model, tasks)
+    target = torch.randn(4, 6, 16)
+
+    def grads():
+        model.zero_grad()
+        (final_hidden(model, ids) - target).square().mean().backward()
+        return {n: p.grad.abs().max().item() if p.grad is not None else 0.0 for n, p in params.items()}
+
+    g0 = grads()
+    assert max(g0.values()) > 1e-6, f"{method} {kw}: every adapter gradient is 0 at init (a saddle)"
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.grad is not None:
+                p -= 0.1 * p.grad / (p.grad.abs().max() + 1e-30)
+    g1 = grads()
+    per_group = {}
+    for n, g in g1.items():
+        per_group[_group(n)] = max(per_group.get(_group(n), 0.0), g)
+    dead = sorted(k for k, g in per_group.items() if not g > 1e-7)
+    assert not dead, f"{method} {kw}: no gradient after one step in {dead}"

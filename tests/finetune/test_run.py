@@ -28,6 +28,7 @@ def test_finetune_method_runs_and_learns(method):
     assert r["method"] == method and len(r["per_task_acc"]) == 2 and len(r["right"]) == 32
     assert all(0.0 <= a <= 1.0 for a in r["per_task_acc"])
     assert (r["adapter_params"] == 0) == (method == "head")
+    assert r["adapters_moved"] is (None if method == "head" else True)
     assert r["final_loss"] < r["first_loss"]
     if method in ("poly", "cpoly:private_skills=2", "tensorpoly1"):
         e0, e1 = r["routing_entropy"]
@@ -72,3 +73,17 @@ def test_finetuning_runs_on_this_ranks_gpu_when_there_is_one(monkeypatch):
     ids, lengths, labels, tasks = _batch(data, torch.tensor([0, 3, 5]), torch.device("meta"))
     assert {t.device.type for t in (ids, lengths, labels, tasks)} == {"meta"}
     assert ids.shape == (3, int(data.lengths[[0, 3, 5]].max()))
+
+
+def test_a_run_whose_adapters_did_not_move_is_flagged():
+    """The suite's dead-arm flag: at lr 0 nothing moves, and the run says so; a normal run moves."""
+    cfg = AdapterConfig(rank=2, target_modules=["q_proj"])
+    dead = finetune_method("lora", tiny_llama, D, [2, 3], split(32, 0), split(16, 1), cfg, steps=3, batch_size=8,
+                           lr=0.0)
+    live = finetune_method("lora", tiny_llama, D, [2, 3], split(32, 0), split(16, 1), cfg, steps=3, batch_size=8,
+                           lr=1e-2)
+    assert dead["adapters_moved"] is False and dead["adapter_max_change"] == 0.0
+    assert live["adapters_moved"] is True and live["adapter_max_change"] > 1e-4
+    head = finetune_method("head", tiny_llama, D, [2, 3], split(32, 0), split(16, 1), cfg, steps=3, batch_size=8,
+                           lr=1e-2)
+    assert head["adapters_moved"] is None

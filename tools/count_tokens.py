@@ -72,13 +72,19 @@ def main(argv=None):
                     help="the run's data.split (train,valid,test shares); only the train split is counted")
     ap.add_argument("--output", help="default: PREFIX.counts.npy")
     args = ap.parse_args(argv)
-    counts, n_train, n_seq = count_tokens(args.data_prefix, args.vocab_size, args.split)
-    out = Path(args.output or f"{args.data_prefix}.counts.npy")
+    write_counts(args.data_prefix, args.split, args.output, args.vocab_size)
+    return 0
+
+
+def write_counts(prefix: str, split: str, output: str | Path | None = None, vocab_size: int | None = None) -> Path:
+    """Count the train split of ``split`` and write ``output`` (default PREFIX.counts.npy) atomically."""
+    counts, n_train, n_seq = count_tokens(prefix, vocab_size, split)
+    out = Path(output or f"{prefix}.counts.npy")
     with atomic_path(out) as tmp, open(tmp, "wb") as f:  # np.save(path) would append .npy
         np.save(f, counts)
     print(f"wrote {out}: {int(counts.sum()):,} tokens of the train split (sequences 0..{n_train} of {n_seq}, "
-          f"split {args.split}), {int((counts > 0).sum()):,} of {len(counts):,} ids used")
-    return 0
+          f"split {split}), {int((counts > 0).sum()):,} of {len(counts):,} ids used")
+    return out
 
 
 if __name__ == "__main__":

@@ -31,6 +31,35 @@ sys.path.insert(0, str(ROOT))
 
 from megamoe.utils import atomic_path, atomic_write_text, mean_se, print0, progress  # noqa: E402
 
+# The studies' corpus split: train, valid (LR selection), test (every reported number). Not the
+# demo's 98,2,0, which has no test split.
+SPLIT = "96,2,2"
+DATA = f"{ROOT}/data/corpus_text_document"
+# Unigram counts of THIS split's train part for the balanced hash tables (the demo's
+# corpus_text_document.counts.npy counts 98 % of the documents, which would include the
+# studies' valid split). Built on first use by :func:`ensure_counts`.
+COUNTS = f"{DATA}.counts.split{SPLIT.replace(',', '-')}.npy"
+
+
+def ensure_counts() -> None:
+    """Write :data:`COUNTS` from the corpus when it is missing (tools/count_tokens.py's rule)."""
+    if not Path(COUNTS).is_file():
+        sys.path.insert(0, str(ROOT / "tools"))
+        from count_tokens import write_counts
+
+        write_counts(DATA, SPLIT, COUNTS)
+
+
+def evaluate_test(trainer, run, batches: int) -> dict:
+    """Loss on the test split, by the trainer's own evaluation (the same code as its valid loss),
+    over ``batches`` micro-batches: selection reads valid, reports read this."""
+    from megamoe.data import build_datasets, build_loader
+    from megamoe.train.trainer import evaluate
+
+    mbs = run.train.micro_batch_size
+    test = build_datasets(run.data, 0, 0, batches * mbs, model_vocab_size=run.model.vocab_size)[2]
+    return evaluate(trainer.engine, lambda: build_loader(test, mbs, mbs), batches, trainer.device)
+
 
 @dataclass
 class Arm:
@@ -51,7 +80,8 @@ class Study:
     quick_overrides: list[str]  # toy size for --quick (appended after base)
     arms: list[Arm]
     reference: dict  # {group: arm} each group's rows are compared with
-    seeds: int = 3
+    seeds: int = 5
+    test_batches: int = 48  # micro-batches of the test split per run (48 x 16 x 128: ~ the whole split)
     describe: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -82,16 +112,19 @@ def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
         f"train.seed={1000 + seed}", f"data.seed={2000 + seed}",
         f"train.save_dir={run_dir}/checkpoints", f"train.log_dir={run_dir}/logs",
         "train.tensorboard=false", "train.plot=false", "train.keep_last=1"]
+    if any(COUNTS in o for o in overrides):
+        ensure_counts()
     run = load_run_config(None, overrides)
     t0 = time.perf_counter()
     trainer = Trainer(run)
     result = trainer.fit()
-    wall = time.perf_counter() - t0
     if not result["finished"]:  # SIGTERM/SIGINT: the trainer saved and stopped early
         from megamoe.errors import UserError
 
         raise UserError(f"{study.name}: arm {arm.name} seed {seed} stopped at step {result['step']} "
                         f"({result['stopped_by']}); not cached, so rerunning the study redoes it")
+    test = evaluate_test(trainer, run, 2 if quick else study.test_batches)
+    wall = time.perf_counter() - t0
     hist = trainer.metrics.history
     train = [h for h in hist if h["split"] == "train"]
     valid = [h for h in hist if h["split"] == "valid"]
@@ -100,12 +133,15 @@ def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
     rec = {
         "study": study.name, "arm": arm.name, "group": arm.group, "seed": seed, "quick": quick,
         "valid_lm_loss": result["valid"]["lm_loss"], "valid_ppl": result["valid"]["ppl"],
+        "test_lm_loss": test["lm_loss"], "test_ppl": test["ppl"], "test_tokens": test["tokens"],
         "params_total": result["params"]["total"], "params_active": result["params"]["active"],
         "tokens_per_s": sum(h["tokens_per_s"] for h in steady) / len(steady),
         "train_curve": [[h["step"], h["lm_loss"]] for h in train],
         "valid_curve": [[h["step"], h["lm_loss"]] for h in valid],
         "moe": {k: sum(h[k] for h in train if k in h) / max(1, sum(1 for h in train if k in h)) for k in moe_keys},
         "max_load_curve": {k: [[h["step"], h[k]] for h in train if k in h] for k in moe_keys if k.endswith("max_load")},
+        "entropy_curve": {k: [[h["step"], h[k]] for h in train if k in h] for k in moe_keys
+                          if k.endswith("router_entropy")},
         "wall_s": wall, "overrides": overrides,
         "checkpoint": result["checkpoint"],
     }

@@ -38,15 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Arm, Study, main  # noqa: E402
+from common import COUNTS, DATA, SPLIT, Arm, Study, main  # noqa: E402
 
-COUNTS = f"{ROOT}/data/corpus_text_document.counts.npy"
 D, F, LAYERS = 128, 256, [1, 3]
 
 BASE = [
     "model.vocab_size=8000", f"model.hidden_size={D}", "model.num_layers=4", "model.num_heads=4",
     f"model.ffn_hidden_size={F}", "model.max_position_embeddings=128", "model.tie_embeddings=true",
-    f"data.data_path=[{ROOT}/data/corpus_text_document]", "data.split=98,2,0", "data.seq_length=128",
+    f"data.data_path=[{DATA}]", f"data.split={SPLIT}", "data.seq_length=128",
     "train.micro_batch_size=16", "train.global_batch_size=16", "train.train_steps=200",
     "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup_steps=20", "train.lr_decay=cosine",
     "train.weight_decay=0.1", "train.precision=fp32", "train.zero_stage=1",

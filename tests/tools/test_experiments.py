@@ -1,5 +1,7 @@
 """The pretraining studies run end to end at toy size (--quick), every arm produces a row with a
-standard error, the cache makes a rerun train nothing, and the tie rule is the 2-SE rule."""
+test-split interval, the cache makes a rerun train nothing, a result made by other code or
+config is reported stale (and retrained on request), and verdicts are megamoe.stats' paired,
+Holm-corrected words."""
 
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ def test_quick_study_end_to_end_and_resumable(script, only, tmp_path):
     rows = {r["arm"]: r for r in summary["rows"]}
     assert set(rows) == ({a.name for a in study.arms} if not only else set(only.split(",")))
     for r in rows.values():
-        assert r["seeds"] == 2 and r["valid_ppl_se"] >= 0 and r["valid_ppl"] > 1
-        assert r["params_active"] <= r["params_total"]
+        assert r["seeds"] == 2 and r["test_lm_loss_lo"] <= r["test_lm_loss"] <= r["test_lm_loss_hi"]
+        assert r["test_ppl"] > 1 and r["stale_seeds"] == [] and r["params_active"] <= r["params_total"]
+        assert r.get("vs_reference") in (None, "ref", "better", "worse", "tie", "not resolved")
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert (out / "max_load.png").stat().st_size > 1000
     assert "± " in (out / "summary.md").read_text()
@@ -56,20 +59,27 @@ def test_unknown_arm_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "unknown arm" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_two_se_rule():
-    from common import verdict
+def _rec(arm, seed, loss):
+    return {"arm": arm, "seed": seed, "valid_lm_loss": loss, "test_lm_loss": loss, "params_total": 1,
+            "params_active": 1, "tokens_per_s": 1.0, "moe": {}}
 
-    assert verdict(10.0, 0.1, 10.25, 0.1) == "tie"  # gap 0.25 < 2 * sqrt(0.02) = 0.28
-    assert verdict(10.0, 0.1, 10.3, 0.1) == "better"
-    assert verdict(10.3, 0.1, 10.0, 0.1) == "worse"
+
+def _fake_run(calls):
+    """run_one stand-in: a record whose loss is fixed per (arm, seed), fingerprinted as the real one is."""
+    import common
+
+    def run(study, arm, seed, run_dir, overrides, quick):
+        calls.append((arm.name, seed))
+        return {**_rec(arm.name, seed, 1.0), **common.fingerprint(overrides)}
+
+    return run
 
 
 def test_same_as_reuses_the_twin_result_and_trains_it_when_absent(tmp_path, monkeypatch):
     import common
 
     calls = []
-    monkeypatch.setattr(common, "run_one", lambda study, arm, seed, out, quick: calls.append((arm.name, seed))
-                        or {"arm": arm.name, "seed": seed, "valid_lm_loss": 1.0})
+    monkeypatch.setattr(common, "run_one", _fake_run(calls))
     monkeypatch.setattr(common, "ROOT", tmp_path)
     twin = tmp_path / "results" / "experiments" / "other" / "a"
     twin.mkdir(parents=True)
@@ -82,24 +92,105 @@ def test_same_as_reuses_the_twin_result_and_trains_it_when_absent(tmp_path, monk
     assert json.loads((tmp_path / "out" / "b" / "seed0.json").read_text())["study"] == "s"
 
 
-def test_paired_seeds_detect_a_gap_the_seed_spread_hides():
-    """Arm b is ~0.01 worse than a on every seed, while seeds differ by 0.5: unpaired that is a
-    tie, paired over the shared seeds it is 'worse' (with the exact mean difference)."""
+def test_a_result_made_by_other_code_or_config_is_stale_and_rerun_on_request(tmp_path, monkeypatch):
+    """Issue 31: each cached result carries the hash of the code loaded when it ran and of its
+    overrides; a later edit of that code (or of the arm's config) marks it stale in the table,
+    and --rerun-stale retrains exactly the stale results."""
     import common
 
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    (tmp_path / "megamoe").mkdir()
+    code = tmp_path / "megamoe" / "router.py"
+    code.write_text("SCALE = 1.0\n")
+    monkeypatch.setattr(common, "loaded_code", lambda: ["megamoe/router.py"])
+    calls = []
+    monkeypatch.setattr(common, "run_one", _fake_run(calls))
+    arms = [common.Arm("a", ["x=1"], group="g"), common.Arm("b", ["x=2"], group="g")]
+    study = common.Study(name="s", base_overrides=[], quick_overrides=[], reference={"g": "a"}, arms=arms)
+    out = tmp_path / "out"
+    records = common.run_study(study, out, quick=False, seeds=2, only=None)
+    assert len(calls) == 4 and all(r["code_sha"] and r["config_sha"] for r in records)
+    rows = {r["arm"]: r for r in common.summarise(study, common.load_records(out), out)}
+    assert rows["a"]["stale_seeds"] == [] and rows["b"]["stale_seeds"] == []
+
+    code.write_text("SCALE = 2.0\n")  # the code those results were made by changed
+    arms[1].overrides = ["x=3"]  # and arm b's config
+    assert common.stale_reason(common.load_records(out)[0], common.declared(study, arms[0], 0, False, None)) == "code changed"
+    code.write_text("SCALE = 1.0\n")
+    assert common.stale_reason(json.loads((out / "b" / "seed0.json").read_text()),
+                               common.declared(study, arms[1], 0, False, None)) == "config changed"
+    code.write_text("SCALE = 2.0\n")
+    rows = {r["arm"]: r for r in common.summarise(study, common.load_records(out), out)}
+    assert rows["a"]["stale_seeds"] == [0, 1] and rows["b"]["stale_seeds"] == [0, 1]
+    md = common.markdown(study, list(rows.values()), {"command": "c", "commit": "x", "machine": "m", "date": "d"},
+                         False, {})
+    assert md.count("| stale 2 |") == 2
+    assert common.stale_reason({"arm": "a", "seed": 0}, []) == "no fingerprint"  # a result from before fingerprints
+
+    calls.clear()
+    common.run_study(study, out, quick=False, seeds=2, only=None)  # without the flag: nothing reruns
+    assert calls == []
+    common.run_study(study, out, quick=False, seeds=2, only=None, rerun_stale=True)
+    assert sorted(calls) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    rows = {r["arm"]: r for r in common.summarise(study, common.load_records(out), out)}
+    assert rows["a"]["stale_seeds"] == [] and rows["b"]["stale_seeds"] == []
+
+
+def test_lr_sweep_picks_the_lowest_valid_loss_and_its_family_trains_at_it(tmp_path, monkeypatch):
+    """Selection reads valid (not test), at the sweep's own seed; the pick is in each arm's config,
+    so a sweep that picks differently makes the family's results stale."""
+    import common
+
+    calls = []
+    valid = {1e-3: 5.0, 2e-3: 4.0, 4e-3: 4.5}
+
+    def run(study, arm, seed, run_dir, overrides, quick):
+        lr = next((float(o.split("=")[1]) for o in overrides if o.startswith("train.lr=")), None)
+        calls.append((arm.name, seed, lr))
+        return {**_rec(arm.name, seed, -valid.get(lr, 9.0)), "valid_lm_loss": valid.get(lr, 9.0),
+                **common.fingerprint(overrides)}
+
+    monkeypatch.setattr(common, "run_one", run)
+    study = common.Study(name="s", base_overrides=[], quick_overrides=[], reference={},
+                         arms=[common.Arm("sw", [], group="g", family="f"), common.Arm("plain", [], group="g")],
+                         lr_sweep={"f": "sw"})
+    common.run_study(study, tmp_path, quick=False, seeds=2, only=None)
+    assert sorted(c for c in calls if c[1] == common.SWEEP_SEED) == [("sw", common.SWEEP_SEED, lr) for lr in study.lr_grid]
+    assert ("sw", 0, 2e-3) in calls and ("sw", 1, 2e-3) in calls and ("plain", 0, None) in calls
+    assert common.chosen_lr(study, tmp_path, "f") == 2e-3
+    assert not list(tmp_path.glob("lr_sweep/*/seed*.json")) and len(common.load_records(tmp_path)) == 4
+    # the sweep is redone and picks 4e-3: the family's results are stale, the plain arm's are not
+    path = tmp_path / "lr_sweep" / "f" / "lr0.004.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), valid_lm_loss=3.0)))
+    rows = {r["arm"]: r for r in common.summarise(study, common.load_records(tmp_path), tmp_path)}
+    assert rows["sw"]["stale_seeds"] == [0, 1] and rows["plain"]["stale_seeds"] == []
+
+
+def test_verdicts_are_paired_over_seeds_and_holm_corrected_over_the_study():
+    """Arm b is ~0.03 worse than a on every seed while seeds differ by 0.5: paired over 5 seeds
+    that is 'worse' (the exact mean difference); an arm on 3 seeds whose gap passes the old
+    2-SE rule is 'not resolved'; one inside ±0.01 on 5 seeds is a 'tie'; one shared seed gives
+    no interval. The p-values are Holm-adjusted over the study's 4 comparisons."""
+    import common
+
+    from megamoe.stats import holm, paired_interval
+
     study = common.Study(name="s", base_overrides=[], quick_overrides=[], reference={"g": "a"},
-                         arms=[common.Arm("a", [], group="g"), common.Arm("b", [], group="g"), common.Arm("c", [], group="g")])
-    rec = lambda arm, seed, loss: {"arm": arm, "seed": seed, "valid_lm_loss": loss, "params_total": 1,  # noqa: E731
-                                   "params_active": 1, "tokens_per_s": 1.0, "moe": {}}
-    records = [rec("a", s, 5.0 + 0.5 * s) for s in range(3)] + [rec("b", s, 5.0 + 0.5 * s + d) for s, d in enumerate((0.012, 0.009, 0.01))]
-    records += [rec("c", 0, 5.01)]  # one shared seed: falls back to the unpaired rule
+                         arms=[common.Arm(n, [], group="g") for n in "abcde"])
+    base = [5.0 + 0.5 * s for s in range(5)]
+    db, dc, dd = (0.032, 0.029, 0.03, 0.031, 0.028), (0.10, 0.02, 0.06), (0.002, -0.003, 0.001, 0.0, -0.001)
+    records = [_rec("a", s, x) for s, x in enumerate(base)] + [_rec("b", s, base[s] + d) for s, d in enumerate(db)]
+    records += [_rec("c", s, base[s] + d) for s, d in enumerate(dc)] + [_rec("d", s, base[s] + d) for s, d in enumerate(dd)]
+    records += [_rec("e", 0, 5.01)]
     rows = {r["arm"]: r for r in common.summarise(study, records)}
-    assert common.verdict(rows["b"]["valid_lm_loss"], rows["b"]["valid_lm_loss_se"],
-                          rows["a"]["valid_lm_loss"], rows["a"]["valid_lm_loss_se"]) == "tie"
-    assert rows["b"]["vs_reference"] == "worse" and rows["b"]["paired_seeds"] == 3
-    assert abs(rows["b"]["delta_loss_vs_reference"] - 0.031 / 3) < 1e-12
-    assert "paired_seeds" not in rows["c"] and rows["c"]["vs_reference"] == "tie"
     assert rows["a"]["vs_reference"] == "ref"
+    assert rows["b"]["vs_reference"] == "worse" and rows["b"]["paired_seeds"] == 5
+    assert abs(rows["b"]["delta_test_loss"] - sum(db) / 5) < 1e-12
+    assert rows["c"]["vs_reference"] == "not resolved" and rows["c"]["paired_seeds"] == 3
+    assert rows["d"]["vs_reference"] == "tie"
+    assert rows["e"]["vs_reference"] == "not resolved" and rows["e"]["paired_seeds"] == 1
+    raw = [paired_interval(d).p for d in (db, dc, dd)] + [float("nan")]
+    assert [rows[a]["p_holm"] for a in "bcd"] == pytest.approx(holm(raw)[:3], rel=1e-9)
 
 
 def test_a_run_stopped_by_a_signal_is_not_cached(tmp_path, monkeypatch):

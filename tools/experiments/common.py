@@ -1,23 +1,41 @@
-"""Shared machinery of the pretraining studies (routing.py, mpoe.py): resumable (arm, seed) runs,
-mean +- standard error, a markdown table, JSON and loss-curve PNGs.
+"""Shared machinery of the pretraining studies (routing.py, mpoe.py, balance.py): an LR sweep per
+method family, resumable (arm, seed) runs tied to the code that made them, paired statistics
+with Holm-corrected verdicts (megamoe.stats), a markdown table, JSON and PNGs.
 
 Design:
 - One process runs a whole study; each (arm, seed) is one in-process ``Trainer`` run (a world of
-  one, gloo) so the framework is imported once (the ``--quick`` study fits in a few minutes).
+  one, gloo) so the framework is imported once.
+- Splits: train / valid / test = :data:`SPLIT`. The LR sweep selects on valid; every number
+  the tables compare is the test loss (:func:`evaluate_test`).
+- LR sweep: an arm with a ``family`` trains at that family's LR, chosen as the lowest final
+  valid loss of ``Study.lr_grid`` on the family's sweep arm (``Study.lr_sweep``) at one seed of
+  its own (:data:`SWEEP_SEED`, never a reported seed). Sweep runs are cached like arms, in
+  ``<out>/lr_sweep/<family>/lr<value>.json``; the chosen LR is in each arm's overrides, so a
+  sweep that changes its pick makes its family's results stale.
 - Resumable: the result of each (arm, seed) is written atomically to
-  ``<out>/<arm>/seed<k>.json`` as soon as it finishes; a finished pair is never rerun (delete
-  the file to rerun it). Killing a study loses at most the run in progress.
+  ``<out>/<arm>/seed<k>.json`` as soon as it finishes. Killing a study loses at most the run in
+  progress.
+- Tied to code: each result records the git commit, the repository files of every Python module
+  loaded when it finished (megamoe/ and tools/: the library, the study script, this file) with a
+  hash of their contents (``code_sha``), and a hash of its declared overrides (``config_sha``:
+  base + arm + LR + quick + seed; resolved defaults are code, so covered by ``code_sha``). A
+  result is stale when either differs from today's (:func:`stale_reason`): tables mark it, and
+  ``--rerun-stale`` retrains it; otherwise a finished pair is never rerun. Only loaded files
+  count, so the fine-tuning package or a tool no run imports does not invalidate pretraining
+  results. Trap: the hash is of the files on disk when the run ends; editing the code while a
+  study runs records the new code for a run made by the old.
 - Seeds vary both the model init (``train.seed``) and the data order (``data.seed``).
 - Fixed token budget: every arm of a study trains the same number of steps at the same batch
-  size and sequence length.
-- Statistics: mean and standard error (sample std / sqrt(n)) over seeds of the final validation
-  loss, reported as perplexity exp(mean loss) with the SE carried through (ppl x SE of the loss).
-  A difference inside 2 SE is reported as a tie (:func:`verdict`).
+  size and sequence length (an arm's own ``train.train_steps`` says otherwise and why).
+- Statistics (megamoe.stats): per-seed paired differences of the test loss to the group's
+  reference arm, their 95 % t-interval, Holm's correction over all of a study's comparisons,
+  and the verdict words from :func:`megamoe.stats.verdicts` (TOST margin ``Study.margin``).
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
@@ -29,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from megamoe.utils import atomic_path, atomic_write_text, mean_se, print0, progress  # noqa: E402
+from megamoe.utils import atomic_path, atomic_write_text, print0, progress  # noqa: E402
 
 # The studies' corpus split: train, valid (LR selection), test (every reported number). Not the
 # demo's 98,2,0, which has no test split.
@@ -61,16 +79,21 @@ def evaluate_test(trainer, run, batches: int) -> dict:
     return evaluate(trainer.engine, lambda: build_loader(test, mbs, mbs), batches, trainer.device)
 
 
+SWEEP_SEED = 99  # the LR sweep's seed: train.seed=1099, data.seed=2099 (reported seeds are 0..n-1)
+
+
 @dataclass
 class Arm:
     name: str
     overrides: list[str]
     group: str = ""  # table section (e.g. "E=16")
     note: str = ""  # shown in the table (e.g. "analysis only")
-    prepare: object = None  # callable(arm, seed, run_dir) -> extra overrides, run before training
+    prepare: object = None  # callable(arm, seed, run_dir, overrides) -> extra overrides, run before training
     # "<study>/<arm>": the same configuration and seeds as that arm of another study; its cached
     # full-size result is reused (copied, marked) instead of rerun. Trained here when absent.
     same_as: str = ""
+    family: str = ""  # its LR comes from this family's sweep (Study.lr_sweep); "" = the base LR
+    seeds: int = 0  # seeds of this arm (0 = the study's; fewer for arms outside the headline)
 
 
 @dataclass
@@ -83,33 +106,87 @@ class Study:
     seeds: int = 5
     test_batches: int = 48  # micro-batches of the test split per run (48 x 16 x 128: ~ the whole split)
     describe: str = ""
-    extra: dict = field(default_factory=dict)
+    lr_sweep: dict = field(default_factory=dict)  # {family: name of the arm the family's LR is swept on}
+    lr_grid: tuple = (1e-3, 2e-3, 4e-3)  # peak LRs of the sweep (min LR = peak / 10)
+    margin: float = 0.01  # TOST equivalence margin on the test loss, nats
+    figures: object = None  # callable(study, rows, out): the study's own plots (E-ladder, MPO curve)
 
 
-def verdict(a_mean: float, a_se: float, b_mean: float, b_se: float) -> str:
-    """'better' / 'worse' / 'tie' of a vs b (lower is better), with the 2-SE rule on the
-    difference (SEs combined in quadrature)."""
-    se = math.sqrt((a_se if math.isfinite(a_se) else 0) ** 2 + (b_se if math.isfinite(b_se) else 0) ** 2)
-    d = a_mean - b_mean
-    if se == 0 or abs(d) <= 2 * se:
-        return "tie"
-    return "better" if d < 0 else "worse"
+# ---- code and config fingerprints --------------------------------------------------------------
+
+def loaded_code() -> list[str]:
+    """Repository paths of the Python modules loaded in this process from megamoe/ and tools/."""
+    out = set()
+    for m in list(sys.modules.values()):
+        f = getattr(m, "__file__", None)
+        if not f:
+            continue
+        rel = os.path.relpath(os.path.realpath(f), ROOT)
+        if rel.endswith(".py") and rel.split(os.sep)[0] in ("megamoe", "tools"):
+            out.add(rel)
+    return sorted(out)
 
 
-def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
-    """Train one (arm, seed) in this process and return its result record."""
+def code_sha(files: list[str]) -> str:
+    """Hash of the paths and today's contents of ``files`` (a missing file hashes as missing)."""
+    h = hashlib.sha256()
+    for f in files:
+        p = ROOT / f
+        h.update(f.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"<missing>") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def config_sha(overrides: list[str]) -> str:
+    return hashlib.sha256(json.dumps(_relative(overrides)).encode()).hexdigest()[:16]
+
+
+def _relative(obj):
+    """Repository-relative paths: committed results name no machine's directories."""
+    return json.loads(json.dumps(obj).replace(f"{ROOT}/", ""))
+
+
+def declared(study: Study, arm: Arm, seed: int, quick: bool, lr: float | None) -> list[str]:
+    """The overrides that define an (arm, seed): what ``config_sha`` hashes. Run directories
+    and an arm's ``prepare`` outputs (paths derived from these) are not part of it."""
+    lr_over = [] if lr is None else [f"train.lr={lr:g}", f"train.min_lr={lr / 10:g}"]
+    # quick last: the toy size wins over an arm's own step count
+    return (list(study.base_overrides) + list(arm.overrides) + lr_over + (list(study.quick_overrides) if quick else [])
+            + [f"train.seed={1000 + seed}", f"data.seed={2000 + seed}"])
+
+
+def fingerprint(overrides: list[str]) -> dict:
+    from megamoe.provenance import commit
+
+    files = loaded_code()
+    return {"commit": commit(), "code_files": files, "code_sha": code_sha(files), "config_sha": config_sha(overrides)}
+
+
+def stale_reason(rec: dict, overrides: list[str] | None) -> str:
+    """'' when ``rec`` was made by today's code and the study's current ``overrides`` for it,
+    else why not (``overrides`` None: the study cannot say today, e.g. its LR sweep is missing)."""
+    if "code_sha" not in rec:
+        return "no fingerprint"
+    if code_sha(rec["code_files"]) != rec["code_sha"]:
+        return "code changed"
+    if overrides is None or config_sha(overrides) != rec["config_sha"]:
+        return "config changed"
+    return ""
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+def run_one(study: Study, arm: Arm, seed: int, run_dir: Path, overrides: list[str], quick: bool) -> dict:
+    """Train one (arm, seed) in this process (``overrides``: its :func:`declared` list) and return
+    its result record."""
     import torch
 
     from megamoe.run_config import load_run_config
     from megamoe.train.trainer import Trainer
 
-    run_dir = out / arm.name / f"seed{seed}.run"
-    # quick last: the toy size wins over an arm's own step count
-    overrides = list(study.base_overrides) + list(arm.overrides) + (list(study.quick_overrides) if quick else [])
+    defined = list(overrides)
     if arm.prepare is not None:
-        overrides += arm.prepare(arm, seed, run_dir, overrides)
-    overrides += [
-        f"train.seed={1000 + seed}", f"data.seed={2000 + seed}",
+        overrides = overrides + arm.prepare(arm, seed, run_dir, overrides)
+    overrides = overrides + [
         f"train.save_dir={run_dir}/checkpoints", f"train.log_dir={run_dir}/logs",
         "train.tensorboard=false", "train.plot=false", "train.keep_last=1"]
     if any(COUNTS in o for o in overrides):
@@ -130,8 +207,10 @@ def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
     valid = [h for h in hist if h["split"] == "valid"]
     steady = train[len(train) // 5:] or train  # skip the warm-up steps when timing
     moe_keys = sorted({k for h in train for k in h if k.startswith("moe/") and not k.endswith("expert_load")})
+    curve = lambda k: [[h["step"], h[k]] for h in train if k in h]  # noqa: E731
     rec = {
         "study": study.name, "arm": arm.name, "group": arm.group, "seed": seed, "quick": quick,
+        "lr": run.train.lr,
         "valid_lm_loss": result["valid"]["lm_loss"], "valid_ppl": result["valid"]["ppl"],
         "test_lm_loss": test["lm_loss"], "test_ppl": test["ppl"], "test_tokens": test["tokens"],
         "params_total": result["params"]["total"], "params_active": result["params"]["active"],
@@ -139,11 +218,12 @@ def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
         "train_curve": [[h["step"], h["lm_loss"]] for h in train],
         "valid_curve": [[h["step"], h["lm_loss"]] for h in valid],
         "moe": {k: sum(h[k] for h in train if k in h) / max(1, sum(1 for h in train if k in h)) for k in moe_keys},
-        "max_load_curve": {k: [[h["step"], h[k]] for h in train if k in h] for k in moe_keys if k.endswith("max_load")},
-        "entropy_curve": {k: [[h["step"], h[k]] for h in train if k in h] for k in moe_keys
-                          if k.endswith("router_entropy")},
+        "max_load_curve": {k: curve(k) for k in moe_keys if k.endswith("max_load")},
+        # hash layers log entropy 0: only learned routers' curves are kept
+        "entropy_curve": {k: curve(k) for k in moe_keys if k.endswith("router_entropy") and any(v for _, v in curve(k))},
         "wall_s": wall, "overrides": overrides,
         "checkpoint": result["checkpoint"],
+        **fingerprint(defined),
     }
     del trainer
     gc.collect()
@@ -151,24 +231,80 @@ def run_one(study: Study, arm: Arm, seed: int, out: Path, quick: bool) -> dict:
     return rec
 
 
-def run_study(study: Study, out: Path, quick: bool, seeds: int, only: list[str] | None) -> list[dict]:
+def _cached(path: Path, overrides: list[str] | None, rerun_stale: bool) -> dict | None:
+    """The cached record at ``path``, or None when there is none or it is stale and to be rerun."""
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    return None if rerun_stale and stale_reason(rec, overrides) else rec
+
+
+def _save(path: Path, rec: dict) -> dict:
+    rec = _relative(rec)
+    atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def _sweep_arm(study: Study, family: str) -> Arm:
+    return next(a for a in study.arms if a.name == study.lr_sweep[family])
+
+
+def sweep_records(study: Study, out: Path, family: str) -> dict:
+    """{lr: cached sweep record} of a family (missing LRs absent)."""
+    d = out / "lr_sweep" / family
+    return {lr: json.loads((d / f"lr{lr:g}.json").read_text()) for lr in study.lr_grid
+            if (d / f"lr{lr:g}.json").is_file()}
+
+
+def chosen_lr(study: Study, out: Path, family: str) -> float | None:
+    """The family's LR: the grid value of lowest final valid loss, None until the sweep is complete."""
+    recs = sweep_records(study, out, family)
+    if len(recs) < len(study.lr_grid):
+        return None
+    return min(recs, key=lambda lr: recs[lr]["valid_lm_loss"])
+
+
+def run_sweep(study: Study, out: Path, quick: bool, family: str, rerun_stale: bool) -> float:
+    arm = _sweep_arm(study, family)
+    for lr in study.lr_grid:
+        path = out / "lr_sweep" / family / f"lr{lr:g}.json"
+        overrides = declared(study, arm, SWEEP_SEED, quick, lr)
+        if _cached(path, overrides, rerun_stale) is None:
+            print0(f"{study.name}: LR sweep of family {family!r} on {arm.name}: lr={lr:g}")
+            _save(path, dict(run_one(study, arm, SWEEP_SEED, path.with_suffix(".run"), overrides, quick),
+                             family=family, sweep=True))
+    return chosen_lr(study, out, family)
+
+
+def arm_overrides(study: Study, arm: Arm, seed: int, quick: bool, out: Path) -> list[str] | None:
+    """Today's :func:`declared` overrides of (arm, seed); None when its family's sweep is incomplete."""
+    if not arm.family:
+        return declared(study, arm, seed, quick, None)
+    lr = chosen_lr(study, out, arm.family)
+    return None if lr is None else declared(study, arm, seed, quick, lr)
+
+
+def run_study(study: Study, out: Path, quick: bool, seeds: int, only: list[str] | None,
+              rerun_stale: bool = False) -> list[dict]:
+    arms = [a for a in study.arms if not only or a.name in only]
+    for family in dict.fromkeys(a.family for a in arms if a.family):
+        run_sweep(study, out, quick, family, rerun_stale)
     records = []
-    todo = [(a, s) for a in study.arms if not only or a.name in only for s in range(seeds)]
+    todo = [(a, s) for a in arms for s in range(min(seeds, a.seeds or seeds))]
     bar = progress(todo, desc=study.name, unit="run")
     for arm, seed in bar:
         path = out / arm.name / f"seed{seed}.json"
         bar.set_postfix(arm=arm.name, seed=seed)
-        if path.is_file():
-            records.append(json.loads(path.read_text()))
-            continue
-        twin = ROOT / "results" / "experiments" / arm.same_as / f"seed{seed}.json"
-        if arm.same_as and not quick and twin.is_file():
-            rec = dict(json.loads(twin.read_text()), study=study.name, arm=arm.name, group=arm.group,
-                       reused_from=arm.same_as)
-        else:
-            rec = run_one(study, arm, seed, out, quick)
-        # paths relative to the repository: committed results name no machine's directories
-        atomic_write_text(path, json.dumps(rec, indent=1).replace(f"{ROOT}/", "") + "\n")
+        overrides = arm_overrides(study, arm, seed, quick, out)
+        rec = _cached(path, overrides, rerun_stale)
+        if rec is None:
+            twin = ROOT / "results" / "experiments" / arm.same_as / f"seed{seed}.json"
+            if arm.same_as and not quick and twin.is_file():
+                rec = dict(json.loads(twin.read_text()), study=study.name, arm=arm.name, group=arm.group,
+                           reused_from=arm.same_as)
+            else:
+                rec = run_one(study, arm, seed, path.with_suffix(".run"), overrides, quick)
+            rec = _save(path, rec)
         records.append(rec)
     return records
 
@@ -177,33 +313,48 @@ def load_records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*/seed*.json"))]
 
 
-def summarise(study: Study, records: list[dict]) -> list[dict]:
-    """One row per arm: mean +- SE of the valid loss and ppl, params, speed, MoE scalars."""
-    rows = []
-    by_arm = {}
+# ---- statistics and tables ----------------------------------------------------------------------
+
+METRIC = "test_lm_loss"  # what the tables compare; valid is for selection (the LR sweep)
+
+
+def summarise(study: Study, records: list[dict], out: Path | None = None) -> list[dict]:
+    """One row per arm: test loss/ppl with its 95 % interval, valid ppl, params, speed, MoE
+    scalars, how many of its results are stale; and against its group's reference arm, the
+    paired test-loss difference, its interval, Holm-adjusted p-values and the verdict word.
+    ``out`` (the study's result dir) resolves swept LRs for the staleness check; without it
+    every swept arm's result counts as stale."""
+    from megamoe.stats import paired_interval, verdicts
+
+    by_arm: dict[str, list[dict]] = {}
     for r in records:
         by_arm.setdefault(r["arm"], []).append(r)
+    rows = []
     for arm in study.arms:
-        rs = by_arm.get(arm.name)
+        rs = sorted(by_arm.get(arm.name, []), key=lambda r: r["seed"])
         if not rs:
             continue
-        loss, loss_se = mean_se([r["valid_lm_loss"] for r in rs])
-        moe_means = {}
+        losses = [r[METRIC] for r in rs if METRIC in r]
+        iv = paired_interval(losses) if losses else None
+        moe_means: dict[str, list[float]] = {}
         for k in sorted({k for r in rs for k in r["moe"]}):
-            name = k.split("/")[-1]
-            vals = [r["moe"][k] for r in rs if k in r["moe"]]
-            moe_means.setdefault(name, []).extend(vals)
+            moe_means.setdefault(k.split("/")[-1], []).extend(r["moe"][k] for r in rs if k in r["moe"])
+        stale = [r["seed"] for r in rs if stale_reason(
+            r, arm_overrides(study, arm, r["seed"], r.get("quick", False), out) if out else None)]
         rows.append({
-            "arm": arm.name, "group": arm.group, "note": arm.note, "seeds": len(rs),
-            "valid_lm_loss": loss, "valid_lm_loss_se": loss_se,
-            "valid_ppl": math.exp(loss), "valid_ppl_se": math.exp(loss) * loss_se,
+            "arm": arm.name, "group": arm.group, "note": arm.note, "seeds": len(rs), "stale_seeds": stale,
+            "lr": rs[0].get("lr"),
+            "valid_lm_loss": sum(r["valid_lm_loss"] for r in rs) / len(rs),
+            **({} if iv is None else {"test_lm_loss": iv.mean, "test_lm_loss_lo": iv.lo, "test_lm_loss_hi": iv.hi,
+                                      "test_ppl": math.exp(iv.mean)}),
             "params_total": rs[0]["params_total"], "params_active": rs[0]["params_active"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
             **{f"mean_{k}": sum(v) / len(v) for k, v in moe_means.items()},
-            **_final_max_load(rs),
+            **_final(rs, "max_load_curve", "final_max_load"), **_final(rs, "entropy_curve", "final_router_entropy"),
         })
     by_name = {r["arm"]: r for r in rows}
-    loss_of = {(r["arm"], r["seed"]): r["valid_lm_loss"] for r in records}
+    loss_of = {(r["arm"], r["seed"]): r[METRIC] for r in records if METRIC in r}
+    diffs = {}
     for r in rows:
         ref = by_name.get(study.reference.get(r["group"], ""))
         if ref is None:
@@ -214,57 +365,74 @@ def summarise(study: Study, records: list[dict]) -> list[dict]:
             continue
         # Paired over the seeds both arms ran: a seed fixes the data order (and the shared
         # parameters' init) in every arm, so the per-seed difference cancels the seed-to-seed
-        # spread that dominates each arm's own SE. Unpaired when fewer than 2 seeds are shared.
+        # spread that dominates each arm's own interval.
         seeds = sorted(s for (a, s) in loss_of if a == r["arm"] and (ref["arm"], s) in loss_of)
-        if len(seeds) >= 2:
-            d, d_se = mean_se([loss_of[(r["arm"], s)] - loss_of[(ref["arm"], s)] for s in seeds])
-            r["delta_loss_vs_reference"], r["delta_loss_vs_reference_se"], r["paired_seeds"] = d, d_se, len(seeds)
-            r["vs_reference"] = verdict(d, d_se, 0.0, 0.0)
-        else:
-            r["vs_reference"] = verdict(r["valid_lm_loss"], r["valid_lm_loss_se"],
-                                        ref["valid_lm_loss"], ref["valid_lm_loss_se"])
+        diffs[r["arm"]] = [loss_of[(r["arm"], s)] - loss_of[(ref["arm"], s)] for s in seeds]
+    for name, v in verdicts(diffs, margin=study.margin).items():
+        by_name[name].update({"vs_reference": v.word, "paired_seeds": v.n, "delta_test_loss": v.mean,
+                              "delta_lo": v.lo, "delta_hi": v.hi, "p_holm": v.p_adj, "p_tost_holm": v.p_tost_adj})
     return rows
 
 
-def _final_max_load(records: list[dict], tail: float = 0.1) -> dict:
-    """Max/mean load over the last ``tail`` of training (mean over steps, sparse layers and seeds).
+def _final(records: list[dict], key: str, name: str, tail: float = 0.1) -> dict:
+    """Mean of a per-layer curve over the last ``tail`` of training (over steps, layers and seeds).
     The run mean alone hides a rule that collapses early and balances late (expert bias does)."""
-    vals = [v for r in records for c in r.get("max_load_curve", {}).values() for _, v in c[-max(1, int(len(c) * tail)):]]
-    return {"final_max_load": sum(vals) / len(vals)} if vals else {}
+    vals = [v for r in records for c in r.get(key, {}).values() for _, v in c[-max(1, int(len(c) * tail)):]]
+    return {name: sum(vals) / len(vals)} if vals else {}
 
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M"
 
 
-def markdown(study: Study, rows: list[dict], prov: dict, quick: bool) -> str:
-    """``prov``: megamoe.provenance.provenance(command) (command, commit, machine, date)."""
+def _f(v, fmt: str) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def markdown(study: Study, rows: list[dict], prov: dict, quick: bool, sweeps: dict) -> str:
+    """``prov``: megamoe.provenance.provenance(command) (command, commit, machine, date);
+    ``sweeps``: {family: {"arm", "lr": {lr: valid loss}, "chosen"}}."""
     from megamoe.provenance import markdown_header
 
+    m = sum(1 for r in rows if "p_holm" in r)
     lines = [f"# Study: {study.name}{' (--quick, toy size: not a result)' if quick else ''}", "",
              markdown_header(prov) + study.describe, "",
-             f"Validation perplexity: mean ± standard error over seeds (exp of the mean loss; SE carried "
-             "through). `Δ loss vs ref`: valid-loss difference to the group's reference arm, mean ± SE "
-             "of the per-seed differences (paired: arms share each seed's data order); `vs ref`: its "
-             "verdict, against the reference arm "
-             f"({', '.join(f'{g}: {a}' for g, a in study.reference.items())}); better/worse only when the gap "
-             "exceeds 2 SE, else tie. `dropped` and `max/mean load` (the busiest expert's routed share over "
-             "the mean, before capacity; 1 is perfect balance) are means over training; `last 10%`: the "
-             "max/mean load over the last tenth of the steps.", "",
-             "| group | arm | seeds | total params | active params | valid ppl | Δ loss vs ref | vs ref | tokens/s "
-             "| dropped | max/mean load | last 10% | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`test ppl`: exp of the mean test loss over seeds, with the 95 % t-interval of that mean "
+             "in brackets. `Δ test loss`: the test-loss difference to the group's reference arm "
+             f"({', '.join(f'{g}: {a}' for g, a in study.reference.items())}), mean of the per-seed "
+             "differences (paired: arms share each seed's data order and init) and its 95 % t-interval. "
+             f"`p (Holm)`: the paired t-test's p-value, Holm-adjusted over this table's {m} comparisons. "
+             "`vs ref` (megamoe.stats.verdicts): better/worse only when that p < 0.05; tie only when "
+             f"the Holm-adjusted equivalence test (TOST) at ±{study.margin} nats passes; else not resolved. "
+             "`valid ppl` is what the LR sweep selects on; no comparison reads it. `dropped` and "
+             "`max/mean load` (the busiest expert's routed share over the mean, before capacity; 1 is "
+             "perfect balance) are means over training; `last 10%`: over the last tenth of the steps; "
+             "`entropy`: the learned router's mean entropy over the last tenth (ln E is uniform). `code`: "
+             "`stale k` when k of the arm's results were made by other code or config than today's "
+             "(rerun them with `--rerun-stale`).", "",
+             "| group | arm | seeds | total params | active params | LR | valid ppl | test ppl [95% CI] | "
+             "Δ test loss [95% CI] | p (Holm) | vs ref | tokens/s | dropped | max/mean load | last 10% | "
+             "entropy | code | note |",
+             "|" + "---|" * 18]
     for r in rows:
-        dropped = r.get("mean_dropped_fraction")
-        load, final = r.get("mean_max_load"), r.get("final_max_load")
-        delta = ("" if "delta_loss_vs_reference" not in r else
-                 f"{r['delta_loss_vs_reference']:+.4f} ± {r['delta_loss_vs_reference_se']:.4f}")
+        ci = (f"{r['test_ppl']:.2f} [{math.exp(r['test_lm_loss_lo']):.2f}, {math.exp(r['test_lm_loss_hi']):.2f}]"
+              if "test_ppl" in r and not math.isnan(r["test_lm_loss_lo"]) else _f(r.get("test_ppl"), ".2f"))
+        delta = ("" if "delta_test_loss" not in r else
+                 f"{r['delta_test_loss']:+.4f} [{_f(r['delta_lo'], '+.4f')}, {_f(r['delta_hi'], '+.4f')}]")
         lines.append(
             f"| {r['group']} | {r['arm']} | {r['seeds']} | {_fmt_params(r['params_total'])} | "
-            f"{_fmt_params(r['params_active'])} | {r['valid_ppl']:.2f} ± {r['valid_ppl_se']:.2f} | {delta} | "
-            f"{r.get('vs_reference', '')} | {r['tokens_per_s']:.0f} | "
-            f"{'' if dropped is None else f'{dropped:.3f}'} | {'' if load is None else f'{load:.2f}'} | "
-            f"{'' if final is None else f'{final:.2f}'} | {r['note']} |")
+            f"{_fmt_params(r['params_active'])} | {_f(r['lr'], 'g')} | {math.exp(r['valid_lm_loss']):.2f} | {ci} | "
+            f"{delta} | {_f(r.get('p_holm'), '.3g')} | {r.get('vs_reference', '')} | {r['tokens_per_s']:.0f} | "
+            f"{_f(r.get('mean_dropped_fraction'), '.3f')} | {_f(r.get('mean_max_load'), '.2f')} | "
+            f"{_f(r.get('final_max_load'), '.2f')} | {_f(r.get('final_router_entropy'), '.2f')} | "
+            f"{'stale ' + str(len(r['stale_seeds'])) if r['stale_seeds'] else 'current'} | {r['note']} |")
+    if sweeps:
+        lines += ["", f"LR sweep (seed {SWEEP_SEED}, valid loss; the lowest is each family's LR):", "",
+                  "| family | swept on | " + " | ".join(f"lr {lr:g}" for lr in study.lr_grid) + " | chosen |",
+                  "|" + "---|" * (3 + len(study.lr_grid))]
+        for fam, sw in sweeps.items():
+            lines.append(f"| {fam} | {sw['arm']} | " + " | ".join(_f(sw["lr"].get(lr), ".4f") for lr in study.lr_grid)
+                         + f" | {_f(sw['chosen'], 'g')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -305,29 +473,36 @@ def plot_curves(study: Study, records: list[dict], png: Path) -> None:
                  lambda arm: [r["train_curve"] for r in records if r["arm"] == arm.name], "train lm loss", png)
 
 
-def plot_load(study: Study, records: list[dict], png: Path) -> None:
-    """Max/mean expert load over training (mean over seeds and MoE layers), one panel per group
-    that has MoE arms: 1 is perfect balance, E is every token on one expert."""
+def plot_moe_curve(study: Study, records: list[dict], key: str, ylabel: str, png: Path) -> None:
+    """A per-layer MoE curve over training (``key``: max_load_curve, entropy_curve), mean over
+    seeds and MoE layers, one panel per group that has such curves."""
     groups = [g for g in dict.fromkeys(a.group for a in study.arms)
-              if any(r.get("max_load_curve") for r in records if r["group"] == g)]
+              if any(r.get(key) for r in records if r["group"] == g)]
     if groups:
         _plot_groups(study, groups, lambda arm: [c for r in records if r["arm"] == arm.name
-                                                 for c in r.get("max_load_curve", {}).values()],
-                     "max / mean expert load", png)
+                                                 for c in r.get(key, {}).values()], ylabel, png)
 
 
 def report(study: Study, out: Path, command: str, quick: bool) -> list[dict]:
     from megamoe.provenance import provenance
 
     records = load_records(out)
-    rows = summarise(study, records)
+    rows = summarise(study, records, out)
+    sweeps = {fam: {"arm": arm, "lr": {lr: r["valid_lm_loss"] for lr, r in sweep_records(study, out, fam).items()},
+                    "chosen": chosen_lr(study, out, fam)} for fam, arm in study.lr_sweep.items()}
     prov = provenance(command)
-    atomic_write_text(out / "summary.json", json.dumps({"study": study.name, **prov, "quick": quick,
-                                                         "rows": rows}, indent=1) + "\n")
-    atomic_write_text(out / "summary.md", markdown(study, rows, prov, quick))
+    atomic_write_text(out / "summary.json", json.dumps(
+        {"study": study.name, **prov, "quick": quick, "margin": study.margin, "lr_sweep": sweeps, "rows": rows},
+        indent=1) + "\n")
+    atomic_write_text(out / "summary.md", markdown(study, rows, prov, quick, sweeps))
     if records:
         plot_curves(study, records, out / "loss_curves.png")
-        plot_load(study, records, out / "max_load.png")
+        # 1 is perfect balance, E is every token on one expert
+        plot_moe_curve(study, records, "max_load_curve", "max / mean expert load", out / "max_load.png")
+        # ln E is a uniform router; a router that learns falls below it
+        plot_moe_curve(study, records, "entropy_curve", "router entropy (nats)", out / "router_entropy.png")
+    if study.figures is not None and rows:
+        study.figures(study, rows, out)
     return rows
 
 
@@ -340,7 +515,10 @@ def main(study: Study, argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated arm names to run (default: all)")
     p.add_argument("--out", default=None, help=f"result dir (default results/experiments/{study.name}"
                                                "[-quick])")
-    p.add_argument("--report-only", action="store_true", help="rebuild the table/plot from cached results")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the tables and plots from cached results (stale ones are marked)")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="retrain cached results made by other code or config than today's")
     p.add_argument("--list", action="store_true", help="list the arms and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -356,11 +534,11 @@ def main(study: Study, argv=None) -> int:
 
         raise UserError(f"--only: unknown arm(s) {unknown}; see --list")
     # the command that produces these results (a --report-only rebuild records the study command)
-    args_shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    args_shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--rerun-stale")]
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + args_shown)
     if not args.report_only:
-        run_study(study, out, args.quick, seeds, only)
+        run_study(study, out, args.quick, seeds, only, args.rerun_stale)
     report(study, out, command, args.quick)
     print0((out / "summary.md").read_text())
-    print0(f"wrote {out}/summary.md, summary.json, loss_curves.png, max_load.png")
+    print0(f"wrote {out}/summary.md, summary.json and plots")
     return 0

@@ -240,13 +240,15 @@ def enable_strict_nccl(host_tensors_refused: bool = True) -> None:
         _state["enabled"] = _state.get("enabled", False) or host_tensors_refused
         return
     _state["enabled"] = True
+    wrappers: dict[int, object] = {}  # one wrapper per function: c10d's P2POp checks `op in [isend, irecv]`
     for name in _COLLECTIVES:
         for module in (dist, dist.distributed_c10d):
             fn = getattr(module, name, None)
             if fn is not None and not getattr(fn, "_megamoe_checked", False):
-                wrapped = _checked(name, fn)
-                wrapped._megamoe_checked = True
-                setattr(module, name, wrapped)
+                if id(fn) not in wrappers:
+                    wrappers[id(fn)] = _checked(name, fn)
+                    wrappers[id(fn)]._megamoe_checked = True
+                setattr(module, name, wrappers[id(fn)])
     _untag_module_buffers()
     _state["tagger"] = HostTensorTagger()
     _state["tagger"].__enter__()

@@ -145,3 +145,13 @@ def all_to_all_single(x: torch.Tensor, out_splits: list[int], in_splits: list[in
     if not _active(group):
         return x
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+def all_gather_object(obj, group=None) -> list:
+    """``[obj of rank 0, ...]`` of ``group`` for small picklable values (log scalars). torch
+    places the pickled bytes on the device the backend needs (NCCL: the current CUDA device)."""
+    if not _active(group):
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -1,6 +1,8 @@
-"""Process groups, set up in one place: megatron-core's ``parallel_state`` (TP x EP x DP).
+"""Process groups, set up in one place: megatron-core's ``parallel_state`` (TP x EP x DP x PP).
 
-Layout: ``world = TP x DP``. Expert parallelism takes its ranks from the data-parallel ranks
+Layout: ``world = TP x DP x PP``, megatron-core's rank order (TP innermost, pipeline outermost:
+stage ``s`` holds global ranks ``[s·TP·DP, (s+1)·TP·DP)``; every group below lives inside one
+stage except the pipeline and embedding groups). Expert parallelism takes its ranks from the data-parallel ranks
 (``EP | DP``): non-expert parameters are replicated over DP and reduced over DP; expert
 parameters are sharded over EP and reduced over the expert-data-parallel group (DP / EP).
 Experts use the same tensor-parallel size as the dense layers (``expert_tensor_parallel =
@@ -38,6 +40,7 @@ class Layout:
     tp: int
     ep: int
     dp: int
+    pp: int = 1
 
     @property
     def expert_dp(self) -> int:
@@ -121,12 +124,14 @@ def init_parallel(parallel: ParallelConfig, backend: str | None = None) -> Layou
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=parallel.tensor_parallel,
         create_gloo_process_groups=False,
         distributed_timeout_minutes=_group_timeout_minutes(parallel.timeout_minutes),
     )
-    return Layout(world=world, tp=parallel.tensor_parallel, ep=parallel.expert_parallel, dp=dp)
+    return Layout(world=world, tp=parallel.tensor_parallel, ep=parallel.expert_parallel, dp=dp,
+                  pp=parallel.pipeline_parallel)
 
 
 def _group_timeout_minutes(configured: float) -> float:
@@ -209,6 +214,33 @@ def dp_rank() -> int:
 def expert_dp_group():
     ps = _ps()
     return ps.get_expert_data_parallel_group() if ps else None
+
+
+def pp_group():
+    ps = _ps()
+    return ps.get_pipeline_model_parallel_group() if ps else None
+
+
+def pp_size() -> int:
+    ps = _ps()
+    return ps.get_pipeline_model_parallel_world_size() if ps else 1
+
+
+def pp_rank() -> int:
+    ps = _ps()
+    return ps.get_pipeline_model_parallel_rank() if ps else 0
+
+
+def embedding_group():
+    """The first and last stage of this rank's pipeline (tied embedding copies), None at PP=1."""
+    ps = _ps()
+    return ps.get_embedding_group() if ps and pp_size() > 1 else None
+
+
+def model_parallel_group():
+    """TP x PP: the ranks whose parameters together make one model replica (grad-norm sums)."""
+    ps = _ps()
+    return ps.get_model_parallel_group() if ps else None
 
 
 def seed_everything(seed: int) -> None:

@@ -36,7 +36,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_model_layout(self.model, self.moe, self.parallel)
-        check_pipeline_config(self.model, self.parallel, self.train.zero_stage)
+        check_pipeline_config(self.model, self.parallel, self.train.zero_stage, self.train.precision)
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -19,6 +19,15 @@ every sub-layer (attention, MLP, MoE, LM head) is all-gathered to the full seque
 output split back (layers.sequence_parallel_fns). So an MoE layer sees the full sequence, the
 same tokens on every TP rank, matching the full-sequence RoutingContext.
 
+Pipeline parallelism (megamoe/train/pipeline.py): ``build_model(..., part=ModelPart(...))``
+builds only one stage's pieces: its blocks (kept under their model-wide names ``layers.{i}``,
+so checkpoints, exports and resharding across stages go by name), the embedding on the first
+stage, the final norm and head on the last (and, with tied embeddings, a copy of the embedding
+there). The stage runs them through :meth:`GPT.embed_tokens`, :meth:`GPT.run_blocks` and
+:meth:`GPT.head_logits`, the same code :meth:`GPT.forward` runs. Every piece draws its initial
+weights from its own seed (:func:`_part_seed`), so block ``i`` starts equal whichever stage
+builds it, and a PP=2 run starts from the PP=1 run's weights.
+
 Losses are per-rank means: under data/expert parallelism each rank's lm_loss and aux loss are
 computed on its own micro-batch (the LB loss on that rank's tokens, as in DeepSpeed-MoE and
 Switch), and the gradient averaging over DP is the engine's job.
@@ -26,6 +35,7 @@ Switch), and the gradient averaging over DP is the engine's job.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +63,45 @@ from megamoe.moe.dispatcher import recompute_contexts
 # model has no BOS id of its own; 0 is also what a packed sequence start would most often see
 # as "unknown"). HF export re-implements routing with the same constant.
 PREV_TOKEN_AT_START = 0
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """What one pipeline stage builds: ``blocks`` (model-wide indices), the embedding
+    (``first``), the final norm and head (``last``). ``None`` for ``part`` = the whole model."""
+
+    blocks: tuple[int, ...]
+    first: bool
+    last: bool
+
+
+class BlockSet(torch.nn.ModuleDict):
+    """The blocks a model (or a pipeline stage) holds, keyed by their model-wide index, so their
+    parameters are named ``layers.{i}.…`` whichever stage holds them. Iterates over the blocks
+    (not the keys) and indexes by int, like the ``ModuleList`` of the whole model."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, index):
+        return super().__getitem__(str(index))
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self.keys()]
+
+
+def _part_seed(base: int, part: int) -> int:
+    """The seed of one piece of the model (0 = embeddings, 1 + i = block i, -1 = head)."""
+    return (base * 1_000_003 + part) % (2**63 - 1)
+
+
+@contextmanager
+def _seeded(base: int, part: int):
+    """Draw this piece's weights from its own seed, leaving the global CPU generator as it was
+    (megatron-core's CPU init draws every full weight from it; every rank draws the same)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_part_seed(base, part))
+        yield
 
 
 @dataclass
@@ -96,47 +145,65 @@ class Block(torch.nn.Module):
 
 class GPT(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, sequence_parallel: bool = False,
-                 build_tables: bool = True):
+                 build_tables: bool = True, part: ModelPart | None = None):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.part = part or ModelPart(blocks=tuple(range(cfg.num_layers)), first=True, last=True)
+        first, last = self.part.first, self.part.last
         mp = mp_config()
         group = parallel.tp_group()
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
-                                            config=mp, tp_group=group)
-        self.pos_embed = None
-        if cfg.position_embedding == "learned":
-            self.pos_embed = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-            torch.nn.init.normal_(self.pos_embed.weight, std=cfg.init_std)
+        base = int(torch.randint(0, 2**62, ()))  # one draw of the global generator: the run's seed
+        self.embed = self.pos_embed = self.final_norm = self.lm_head = None
+        if first or (last and cfg.tie_embeddings):  # the last stage's copy holds the tied head's weight
+            with _seeded(base, 0):
+                self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
+                                                    init_method=normal_init(cfg.init_std), config=mp, tp_group=group)
+                if cfg.position_embedding == "learned" and first:
+                    self.pos_embed = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                    torch.nn.init.normal_(self.pos_embed.weight, std=cfg.init_std)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.position_embedding == "rope" else None
-        self.layers = torch.nn.ModuleList(Block(cfg, moe_cfg, i, mp, sequence_parallel, build_tables)
-                                          for i in range(cfg.num_layers))
-        self.final_norm = build_norm(cfg)
-        self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, config=mp, init_method=normal_init(cfg.init_std),
-                                    bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
-                                    tp_group=group)
+        self.layers = BlockSet()
+        for i in self.part.blocks:
+            with _seeded(base, 1 + i):
+                self.layers[str(i)] = Block(cfg, moe_cfg, i, mp, sequence_parallel, build_tables)
+        if last:
+            with _seeded(base, -1):
+                self.final_norm = build_norm(cfg)
+                self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
+                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                                            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=group)
         self._enter, self._leave = sequence_parallel_fns(sequence_parallel)
         self.sequence_parallel = sequence_parallel and parallel.tp_size() > 1
         if self.sequence_parallel:  # norms act on this rank's sequence slice: sum their grads over TP
-            norms = [self.final_norm] + [n for b in self.layers for n in (b.attn_norm, b.mlp_norm)]
+            norms = [n for n in [self.final_norm] if n is not None] + \
+                [n for b in self.layers for n in (b.attn_norm, b.mlp_norm)]
             for p in [p for n in norms for p in n.parameters()]:
                 sync_sequence_parallel_grad(p)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> ModelOutput:
-        S = input_ids.shape[1]
+    # ---- the pieces a pipeline stage runs (forward runs them all) ----------------------------
+    def embed_tokens(self, ids_SB: torch.Tensor) -> torch.Tensor:
+        """Token (+ learned position) embedding -> the residual stream [S(/TP), B, D]."""
+        S = ids_SB.shape[0]
         if S > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence length {S} > model.max_position_embeddings={self.cfg.max_position_embeddings}")
-        ids_SB = input_ids.t()
         x_SBD = self.embed(ids_SB)
         if self.pos_embed is not None:
             x_SBD = x_SBD + self.pos_embed.weight[:S, None, :]
         if self.sequence_parallel and S % parallel.tp_size():
             raise ValueError(f"sequence parallelism needs the sequence length {S} divisible by TP={parallel.tp_size()}")
-        x_SBD = self._leave(x_SBD)
-        rope = self.rope(S, input_ids.device) if self.rope is not None else None
-        routing = self._routing(ids_SB, None if labels is None else labels.t())
+        return self._leave(x_SBD)
+
+    def routing_inputs(self, ids_SB: torch.Tensor, labels_SB: torch.Tensor | None):
+        """(rope, routing context) for a full sequence of ``ids_SB``: what every block needs
+        besides the residual stream; a pipeline stage rebuilds it from the ids and labels that
+        travel with its micro-batch."""
+        rope = self.rope(ids_SB.shape[0], ids_SB.device) if self.rope is not None else None
+        return rope, self._routing(ids_SB, labels_SB)
+
+    def run_blocks(self, x_SBD: torch.Tensor, blocks, rope, routing) -> tuple[torch.Tensor, list]:
+        """The ``blocks`` (held by this model, in order); returns the stream and their MoEStats."""
         stats = []
-        for block in self.layers:
+        for block in blocks:
             if self.cfg.activation_checkpointing and self.training:
                 x_SBD, st = checkpoint(block, x_SBD, rope, routing, use_reentrant=False,
                                        context_fn=recompute_contexts)
@@ -144,11 +211,29 @@ class GPT(torch.nn.Module):
                 x_SBD, st = block(x_SBD, rope, routing)
             if st is not None:
                 stats.append(st)
+        return x_SBD, stats
+
+    def head_logits(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: this rank's vocabulary shard of the logits [S, B, V/TP]."""
         x_SBD = self._enter(self.final_norm(x_SBD))
-        logits_SBV = self.lm_head(x_SBD, weight=self.embed.weight if self.cfg.tie_embeddings else None)[0]
-        zero = torch.zeros((), dtype=torch.float32, device=logits_SBV.device)  # losses stay fp32 under bf16
-        aux = sum((s.balance_loss for s in stats), zero)
-        z = sum((s.z_loss_coef * s.z_loss for s in stats), zero)
+        return self.lm_head(x_SBD, weight=self.embed.weight if self.cfg.tie_embeddings else None)[0]
+
+    @staticmethod
+    def loss_terms(stats: list, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux, z): the balance and z losses of ``stats``, fp32 (losses stay fp32 under bf16)."""
+        zero = torch.zeros((), dtype=torch.float32, device=like.device)
+        return sum((s.balance_loss for s in stats), zero), sum((s.z_loss_coef * s.z_loss for s in stats), zero)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> ModelOutput:
+        if not (self.part.first and self.part.last):
+            raise RuntimeError("this model holds one pipeline stage; megamoe.train.pipeline runs it")
+        ids_SB = input_ids.t()
+        x_SBD = self.embed_tokens(ids_SB)
+        rope, routing = self.routing_inputs(ids_SB, None if labels is None else labels.t())
+        x_SBD, stats = self.run_blocks(x_SBD, self.layers, rope, routing)
+        logits_SBV = self.head_logits(x_SBD)
+        aux, z = self.loss_terms(stats, logits_SBV)
         lm_loss = loss = None
         if labels is not None:
             lm_loss = self._lm_loss(logits_SBV, labels.t(), None if loss_mask is None else loss_mask.t())
@@ -189,15 +274,16 @@ class GPT(torch.nn.Module):
 
 
 def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig | None = None,
-                parallel_cfg: ParallelConfig | None = None, build_tables: bool = True) -> GPT:
+                parallel_cfg: ParallelConfig | None = None, build_tables: bool = True,
+                part: ModelPart | None = None) -> GPT:
     """Build the decoder for the current process groups (a world of one if none were set up).
 
     Seed torch identically on every rank before calling: megatron-core's CPU init draws each
     full weight from the global RNG and keeps this rank's slice. ``parallel_cfg`` is only read
     for ``sequence_parallel``; the TP/EP sizes come from the initialised groups.
     ``build_tables=False`` leaves hash tables zero (no counts/embedding/table files are read):
-    for a resume, which loads them from the checkpoint."""
+    for a resume, which loads them from the checkpoint. ``part``: one pipeline stage's pieces."""
     ensure_parallel()
     moe_cfg = moe_cfg or MoEConfig()
     return GPT(model_cfg, moe_cfg, sequence_parallel=bool(parallel_cfg and parallel_cfg.sequence_parallel),
-               build_tables=build_tables)
+               build_tables=build_tables, part=part)

@@ -103,12 +103,8 @@ import bisect
 from dataclasses import dataclass
 
 from megamoe.config import ConfigError
-from megamoe.errors import UserError
 from megamoe.model.accounting import block_params
 from megamoe.model.config import ModelConfig, MoEConfig, ParallelConfig
-
-NOT_IMPLEMENTED = ("pipeline parallelism is planned (issue 27) but not yet implemented; use tools/estimate.py to "
-                   "plan")
 
 
 @dataclass(frozen=True)
@@ -252,7 +248,8 @@ def chunks_in_flight(stages: int, virtual_stages: int, micro_batches: int, stage
 
 # ---- rules -----------------------------------------------------------------------------------
 
-def check_pipeline_config(model: ModelConfig, parallel: ParallelConfig, zero_stage: int) -> None:
+def check_pipeline_config(model: ModelConfig, parallel: ParallelConfig, zero_stage: int,
+                          precision: str = "fp32") -> None:
     """Config-time rules that cross sections (called by the top-level config)."""
     P, V, L = parallel.pipeline_parallel, parallel.virtual_stages, model.num_layers
     if parallel.pipeline_layout is not None:
@@ -279,6 +276,10 @@ def check_pipeline_config(model: ModelConfig, parallel: ParallelConfig, zero_sta
                           f"pipeline parallelism (parallel.pipeline_parallel={P}) runs with ZeRO-0 or 1 (ZeRO-2 "
                           "reduces gradients inside engine-driven backwards, which a pipeline schedule does not run; "
                           "DeepSpeed's PipelineEngine refuses ZeRO-2/3 too); set train.zero_stage=1")
+    if P > 1 and precision == "fp16":
+        raise ConfigError("train.precision", precision,
+                          f"pipeline parallelism (parallel.pipeline_parallel={P}) trains in bf16 or fp32: the schedule "
+                          "runs each backward itself, outside DeepSpeed's fp16 loss scaling; use train.precision=bf16")
 
 
 def check_pipeline_batches(parallel: ParallelConfig, train, dp: int) -> int:
@@ -299,9 +300,3 @@ def check_pipeline_batches(parallel: ParallelConfig, train, dp: int) -> int:
                           f"gives {m} micro-batches per step; interleaving (parallel.virtual_stages={V}) needs a "
                           f"multiple of parallel.pipeline_parallel={P}")
     return m
-
-
-def refuse_until_implemented(parallel: ParallelConfig) -> None:
-    """Training start with P > 1 ends here, in one line, until the schedule lands."""
-    if parallel.pipeline_parallel > 1 or parallel.virtual_stages > 1:
-        raise UserError(f"parallel.pipeline_parallel={parallel.pipeline_parallel}: {NOT_IMPLEMENTED}")

@@ -96,11 +96,22 @@ class ExpertBiasBalancer:
     def __bool__(self) -> bool:
         return bool(self.routers)
 
-    def add(self, moe_stats: list) -> None:
+    def add(self, moe_stats: list, positions: list[int] | None = None) -> None:
+        """Add one forward's loads. ``positions``: which of the model's MoE layers (in block
+        order) ``moe_stats`` covers, where a forward ran only some of them (a pipeline chunk)."""
         if not self.routers:
             return
-        loads = torch.stack([moe_stats[j].selected_per_expert.detach().long() for j in self.slots])
-        self.loads_LE = loads if self.loads_LE is None else self.loads_LE + loads
+        if positions is None:
+            loads = torch.stack([moe_stats[j].selected_per_expert.detach().long() for j in self.slots])
+            self.loads_LE = loads if self.loads_LE is None else self.loads_LE + loads
+            return
+        by_position = dict(zip(positions, moe_stats))
+        for row, j in enumerate(self.slots):
+            if j in by_position:
+                load_E = by_position[j].selected_per_expert.detach().long()
+                if self.loads_LE is None:
+                    self.loads_LE = load_E.new_zeros(len(self.slots), load_E.numel())
+                self.loads_LE[row] += load_E
 
     @torch.no_grad()
     def step(self, apply: bool = True) -> torch.Tensor | None:

@@ -88,8 +88,11 @@ class CentralGradMask:
 
     def engine_step(self, engine) -> None:
         """``engine.step()``, keeping the central tensors and their optimizer state out of it
-        on the optimizer steps that ``skip`` skips (non-boundary micro-batches just step)."""
-        boundary = getattr(engine, "is_gradient_accumulation_boundary", lambda: True)()
+        on the optimizer steps that ``skip`` skips (non-boundary micro-batches just step). Under
+        pipeline parallelism (``managed_gradient_accumulation: false``) every ``step()`` is the
+        boundary: DeepSpeed's query answers True only while ``step()`` runs."""
+        managed = getattr(engine, "managed_gradient_accumulation", lambda: True)()
+        boundary = not managed or getattr(engine, "is_gradient_accumulation_boundary", lambda: True)()
         if not (boundary and self.skipped()):
             engine.step()
             return

@@ -63,8 +63,10 @@ def load_json(path: str | Path) -> dict:
     return data
 
 
-def build_ds_config(train, dp: int, *, has_moe: bool) -> dict:
-    """DeepSpeed config for ``train`` (a TrainConfig) at data-parallel size ``dp``."""
+def build_ds_config(train, dp: int, *, has_moe: bool, pipeline: bool = False) -> dict:
+    """DeepSpeed config for ``train`` (a TrainConfig) at data-parallel size ``dp``. ``pipeline``:
+    the pipeline schedule runs every backward itself and calls ``engine.step()`` once per
+    optimizer step (``managed_gradient_accumulation: false``, megamoe/train/pipeline.py)."""
     gas = train.grad_accumulation(dp)
     ours: dict = {}
     _set(ours, "train_micro_batch_size_per_gpu", train.micro_batch_size)
@@ -111,4 +113,6 @@ def build_ds_config(train, dp: int, *, has_moe: bool) -> dict:
     cfg.setdefault("steps_per_print", 10**9)  # megamoe does its own logging
     cfg.setdefault("wall_clock_breakdown", False)
     cfg.setdefault("checkpoint", {}).setdefault("use_node_local_storage", False)
+    if pipeline:
+        cfg["managed_gradient_accumulation"] = False
     return cfg

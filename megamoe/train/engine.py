@@ -65,28 +65,39 @@ class MegatronMPU:
 
         self.ps = ps
 
-    # model parallel == tensor parallel (no pipeline parallelism in megamoe)
+    # Model parallel = TP x PP (the ranks of one model replica), ranked by the TP rank, as
+    # DeepSpeed's own PipelineParallelGrid reports it: ZeRO's grad norm then sums every stage
+    # once and counts a TP-replicated parameter on TP rank 0 of each stage (the norm over the
+    # whole model; tools/experiments/pipeline_route_probe.py). At PP=1 this is the TP group.
     def get_model_parallel_rank(self):
         return self.ps.get_tensor_model_parallel_rank()
 
     def get_model_parallel_world_size(self):
-        return self.ps.get_tensor_model_parallel_world_size()
+        return self.ps.get_tensor_model_parallel_world_size() * self.ps.get_pipeline_model_parallel_world_size()
 
     def get_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
+        return self.ps.get_model_parallel_group()
 
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+    def get_tensor_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
 
     def get_tensor_model_parallel_src_rank(self):
         return self.ps.get_tensor_model_parallel_src_rank()
 
     def get_pipeline_model_parallel_world_size(self):
-        return 1
+        return self.ps.get_pipeline_model_parallel_world_size()
 
     def get_pipeline_model_parallel_rank(self):
-        return 0
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
 
     def get_data_parallel_rank(self):
         return self.ps.get_data_parallel_rank()
@@ -119,7 +130,8 @@ def setup_expert_groups(ep: int) -> dict:
     edp_group = parallel.expert_dp_group()
     ep_ranks, edp_ranks = _ranks(ep_group), _ranks(edp_group)
     world, tp = dist.get_world_size(), parallel.tp_size()
-    ds_ep, ds_edp = groups._get_expert_parallel_ranks(world, tp, ep, 1, False)
+    # with the pipeline size: else DeepSpeed's expert-DP groups would span stages (pipeline.md)
+    ds_ep, ds_edp = groups._get_expert_parallel_ranks(world, tp, ep, parallel.pp_size(), False)
     rank = dist.get_rank()
     mine_ep = next(list(r) for r in ds_ep if rank in r)
     mine_edp = next(list(r) for r in ds_edp if rank in r)
@@ -305,7 +317,8 @@ def clip_inside_adamw(engine) -> None:
     tp_rank0 = mpu.get_model_parallel_rank() == 0
 
     def squared_norm(params) -> torch.Tensor:
-        grads = [p.grad for p in params if p.grad is not None and (tp_rank0 or is_model_parallel_parameter(p))]
+        grads = [p.grad for p in params if p.grad is not None and (tp_rank0 or is_model_parallel_parameter(p))
+                 and not getattr(p, "ds_pipe_replicated", False)]  # a tied copy on the last stage: counted once
         return (torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum() if grads
                 else torch.zeros((), device=engine.device))
 

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megamoe import parallel
+from megamoe import comm, parallel
 from megamoe.train.engine import is_expert_param
 
 
@@ -27,12 +27,16 @@ def param_counts(model, run) -> dict:
     """{"total", "active", "embedding", "active_non_embedding"} of the full model.
 
     Local counts are scaled up: TP-sharded params x TP, expert params x EP (and x TP when
-    also TP-sharded). Hash tables are buffers, not counted.
+    also TP-sharded), and summed over pipeline stages (a tied embedding's copy on the last stage,
+    marked ``ds_pipe_replicated``, counted once). Hash tables are buffers, not counted.
+    Collective over the pipeline group at PP > 1.
     """
     tp, ep = parallel.tp_size(), parallel.ep_size()
     total = embed = expert_total = 0
     expert_by_layer: dict[int, int] = {}
     for name, p in model.named_parameters():
+        if getattr(p, "ds_pipe_replicated", False):
+            continue
         n = p.numel() * (tp if _is_tp_sharded(p) else 1)
         if is_expert_param(p):
             n *= ep
@@ -51,6 +55,9 @@ def param_counts(model, run) -> dict:
         k = multihash if layer in moe.hash_layers else (
             moe.hash_moe_top_k if layer in moe.hash_moe_layer_indices(run.model.num_layers) else moe.router.top_k)
         active += n * min(k, moe.num_experts) // max(1, moe.num_experts)
+    if parallel.pp_size() > 1:  # each stage counted its own blocks
+        total, active, embed = (int(v) for v in comm.all_reduce(torch.tensor([total, active, embed], dtype=torch.float64),
+                                                               "sum", parallel.pp_group()).tolist())
     return {"total": total, "active": active, "embedding": embed, "active_non_embedding": active - embed}
 
 

@@ -19,6 +19,7 @@ Traps:
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import sys
@@ -30,7 +31,6 @@ import torch
 from megamoe import comm, parallel
 from megamoe.config import to_dict
 from megamoe.errors import UserError
-from megamoe.model.pipeline_layout import refuse_until_implemented
 from megamoe.moe.balance import ExpertBiasBalancer
 from megamoe.train import checkpoint as ckpt
 from megamoe.train.ds_config import build_ds_config
@@ -74,29 +74,29 @@ def _sum_stats_over_dp(stats: list) -> list:
     return stats
 
 
-def evaluate(engine, loader_factory, eval_iters: int, device) -> dict:
+def evaluate(engine, loader_factory, eval_iters: int, device, pipeline=None) -> dict:
     """Mean lm loss / ppl over the first ``eval_iters`` micro-batches of each DP rank, plus the
-    perplexity of the best unigram model of the same tokens (fitted on them)."""
+    perplexity of the best unigram model of the same tokens (fitted on them). ``pipeline``: a
+    PipelineRunner, which runs them m at a time through the stages."""
     engine.eval()
-    lm, aux, z, n = 0.0, 0.0, 0.0, 0
-    counts = None
-    with torch.no_grad():
-        for i, batch in enumerate(loader_factory()):
-            if i >= eval_iters:
-                break
-            batch = _to_device(batch, device)
-            out = engine(batch["input_ids"], batch["labels"], batch["loss_mask"])
-            lm += float(out.lm_loss)
-            aux += float(out.aux_loss)
-            z += float(out.z_loss)
-            n += 1
-            labels = batch["labels"][batch["loss_mask"] > 0].cpu()
-            c = torch.bincount(labels, minlength=engine.module.cfg.vocab_size).double()
-            counts = c if counts is None else counts + c
-    engine.train()
-    if n == 0:
+    batches = list(itertools.islice(loader_factory(), eval_iters))
+    if not batches:
+        engine.train()
         raise UserError("the valid split produced no batches; give it more data (data.split) or lower train.eval_iters")
-    lm, aux, z = _dp_mean([lm / n, aux / n, z / n])
+    with torch.no_grad():
+        if pipeline is not None:
+            terms = torch.cat([pipeline.evaluate(batches[k:k + pipeline.m]) for k in range(0, len(batches), pipeline.m)])
+        else:
+            rows = []
+            for batch in batches:
+                batch = _to_device(batch, device)
+                out = engine(batch["input_ids"], batch["labels"], batch["loss_mask"])
+                rows.append(torch.stack([out.lm_loss.float(), out.aux_loss.float(), out.z_loss.float()]))
+            terms = torch.stack(rows)
+    engine.train()
+    lm, aux, z = _dp_mean(terms.double().mean(0).tolist())
+    counts = sum(torch.bincount(b["labels"][b["loss_mask"] > 0].cpu(), minlength=engine.module.cfg.vocab_size).double()
+                 for b in batches)
     counts = comm.all_reduce(counts, "sum", parallel.dp_group())
     p = counts / counts.sum()
     nz = p[p > 0]
@@ -141,7 +141,6 @@ class Trainer:
     def __init__(self, run):
         self.run = run
         t = run.train
-        refuse_until_implemented(run.parallel)  # PP > 1: one error line, before any group exists
         self.layout = parallel.init_parallel(run.parallel)
         world = self.layout.world
         info = validate_layout(run, world)
@@ -166,15 +165,31 @@ class Trainer:
             run.data, t.train_steps * t.global_batch_size, valid_samples, 0, model_vocab_size=run.model.vocab_size)
         self.load_dir = ckpt.resolve_load_dir(t.load, t.save_dir)
         # a resume takes hash tables (and every other tensor) from the checkpoint, not from files
-        model = build_model(run.model, run.moe, run.parallel, build_tables=not self.load_dir)
+        self.pipeline_layout = part = None
+        if self.layout.pp > 1:  # this rank builds its stage only (megamoe/train/pipeline.py)
+            from megamoe.train.pipeline import model_part, stage_layout
+
+            self.pipeline_layout = stage_layout(run)
+            part = model_part(self.pipeline_layout, parallel.pp_rank())
+        model = build_model(run.model, run.moe, run.parallel, build_tables=not self.load_dir, part=part)
+        if part is not None:
+            from megamoe.train.pipeline import mark_tied_copy
+
+            mark_tied_copy(model, self.pipeline_layout, parallel.pp_rank())
         if t.init_from and not self.load_dir:
             load_weights(model, t.init_from)
         self.grad_mask = _central_grad_mask(model, run.moe)
         self.expert_bias = ExpertBiasBalancer(model)  # moe.router.expert_bias_rate > 0 (balance.py)
         self.counts = param_counts(model, run)
         self.fpt = flops_per_token(self.counts, run)
-        self.ds_config = build_ds_config(t, dp, has_moe=bool(run.moe.num_experts))
+        self.ds_config = build_ds_config(t, dp, has_moe=bool(run.moe.num_experts), pipeline=part is not None)
         self.engine, self.optimizer, self.scheduler = build_engine(model, run, self.layout, self.ds_config)
+        self.pipeline = None
+        if part is not None:
+            from megamoe.train.pipeline import PipelineRunner
+
+            self.pipeline = PipelineRunner(self.engine.module, self.engine, run, self.pipeline_layout, info["gas"],
+                                           self.device, self.expert_bias)
         self.config_dict = to_dict(run)
         ckpt.prepare(self.engine)  # collective, once: which canonical pieces this rank saves
 
@@ -209,6 +224,8 @@ class Trainer:
 
     def train_step(self, it) -> dict:
         """One optimizer step over ``gas`` micro-batches. Returns DP-averaged scalars."""
+        if self.pipeline is not None:
+            return self._pipeline_step(it)
         engine, gas = self.engine, self.info["gas"]
         if self.grad_mask is not None:
             self.grad_mask.set_step(self.step)  # all micro-batches of a step share one mask
@@ -223,11 +240,29 @@ class Trainer:
             engine.backward(out.loss)
             if micro == gas - 1 and self.run.train.zero_stage == 0:
                 self._zero0_guard(not bool(torch.isfinite(sums).all()))
-            if self.grad_mask is not None:  # grad_mask=skip: the central tensors sit out skipped steps
-                self.grad_mask.engine_step(engine)
-            else:
-                engine.step()
+            self._engine_step()
             stats = out.moe_stats
+        return self._step_result(sums, stats, self.run.moe.moe_layer_indices(self.run.model.num_layers))
+
+    def _pipeline_step(self, it) -> dict:
+        """The same step through the pipeline schedule: every micro-batch's forward and backward
+        on every stage, then one ``engine.step()`` (megamoe/train/pipeline.py)."""
+        if self.grad_mask is not None:
+            self.grad_mask.set_step(self.step)
+        sums = self.pipeline.forward_backward([next(it) for _ in range(self.info["gas"])])
+        if self.run.train.zero_stage == 0:
+            self._zero0_guard(not bool(torch.isfinite(sums).all()))
+        self._engine_step()
+        return self._step_result(sums, self.pipeline.moe_stats(), self.pipeline.moe_layer_ids())
+
+    def _engine_step(self) -> None:
+        if self.grad_mask is not None:  # grad_mask=skip: the central tensors sit out skipped steps
+            self.grad_mask.engine_step(self.engine)
+        else:
+            self.engine.step()
+
+    def _step_result(self, sums: torch.Tensor, stats: list, stat_layers: list[int]) -> dict:
+        engine, gas = self.engine, self.info["gas"]
         sums = sums.tolist()  # the step's one read of the losses
         nonfinite = not all(math.isfinite(v) for v in sums)
         loss, lm, aux, z, bad = _dp_mean([s / gas for s in sums] + [float(nonfinite)])
@@ -237,7 +272,18 @@ class Trainer:
         bad_norm = self.run.train.zero_stage > 0 and not math.isfinite(norm)
         self.expert_bias.step(apply=not (bad > 0 or not applied or bad_norm))  # collective; same on all ranks
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "grad_norm": norm,
-                "skipped": bool(bad > 0 or not applied or bad_norm), "stats": stats}
+                "skipped": bool(bad > 0 or not applied or bad_norm), "stats": stats, "stat_layers": stat_layers}
+
+    def _moe_scalars(self, r: dict) -> dict:
+        """Per-layer MoE scalars of every layer: each pipeline stage logs the layers it holds,
+        gathered to every rank (rank 0 writes them)."""
+        vals = moe_scalars(_sum_stats_over_dp(r["stats"]), r["stat_layers"])
+        if self.pipeline is None:
+            return vals
+        merged = {}
+        for part in comm.all_gather_object(vals, parallel.pp_group()):
+            merged.update(part)
+        return merged
 
     def _zero0_guard(self, nonfinite: bool) -> None:
         """ZeRO-0 has no overflow check outside fp16: if any rank saw a non-finite loss or
@@ -280,7 +326,6 @@ class Trainer:
             else:
                 in_a_row = 0
             if self.step % t.log_interval == 0 or self.step == t.train_steps:
-                stats = _sum_stats_over_dp(r["stats"])
                 tok_s = tokens_per_step / dt
                 flops = self.fpt * tok_s
                 vals = {k: r[k] for k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")}
@@ -290,12 +335,12 @@ class Trainer:
                             mfu=flops / (self.peak * self.layout.world), step_time_s=dt,
                             mem_mb=peak_memory_mb(), skipped_total=self.nonfinite_total,
                             consumed_samples=self.consumed)
-                vals.update(moe_scalars(stats, run.moe.moe_layer_indices(run.model.num_layers)))
+                vals.update(self._moe_scalars(r))
                 self.metrics.log(self.step, vals)
                 bar.set_postfix(loss=f"{r['lm_loss']:.3f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
-                last_eval = evaluate(self.engine, self._valid_loader, t.eval_iters, self.device)
+                last_eval = evaluate(self.engine, self._valid_loader, t.eval_iters, self.device, self.pipeline)
                 self.metrics.log(self.step, last_eval, split="valid")
             if stop.any_rank():
                 stopped_by = f"signal {stop.signum or 'on another rank'}"
@@ -316,7 +361,7 @@ class Trainer:
         if finished:
             if self._saved_step != self.step:
                 self.save()
-            last_eval = evaluate(self.engine, self._valid_loader, t.eval_iters, self.device)
+            last_eval = evaluate(self.engine, self._valid_loader, t.eval_iters, self.device, self.pipeline)
             self.metrics.log(self.step, last_eval, split="valid")
         train_recs = [h for h in self.metrics.history if h["split"] == "train"]
         result.update(

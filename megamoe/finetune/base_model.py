@@ -9,7 +9,9 @@ saved on it load with ``PeftModel.from_pretrained`` on the user's own export of 
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import math
 import tempfile
 from collections.abc import Callable
@@ -29,6 +31,7 @@ class Base:
     description: str                      # for results: which model, its fingerprint, valid ppl
     valid_ppl: float | None
     hf_dir: Path
+    run_name: str | None = None           # the pretraining config's name (``ft_base``: configs/ft_base.yaml)
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -43,10 +46,17 @@ def load_base(path: str | Path, tag: str | None = None) -> Base:
     p = Path(path)
     if not p.exists():
         raise UserError(f"--base {path}: no such directory (a native checkpoint or an HF export dir)")
-    ppl = None
+    ppl, run_name = None, None
     if _is_hf_dir(p):
         hf_dir = p
         desc = f"HF export {p}"
+        marker = p / "megamoe_export.json"  # megamoe's exports say what they were made from
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            if info.get("valid_loss") is not None:
+                ppl = math.exp(info["valid_loss"])
+            run_name = info.get("run_name")
+            desc += f" of {info.get('source', '?')} (step {info.get('step')}, {info.get('tokens') or '?'} tokens)"
     else:
         from megamoe.hf.export import export_model
         from megamoe.hf.checkpoint_reader import load_checkpoint, model_configs
@@ -58,14 +68,19 @@ def load_base(path: str | Path, tag: str | None = None) -> Base:
         if ckpt.info.get("valid_loss") is not None:
             ppl = math.exp(ckpt.info["valid_loss"])
         desc = f"native checkpoint {ckpt.info['source']} (step {ckpt.info.get('step')})"
+        run_name = ckpt.info.get("run_name")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(str(hf_dir))
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(hf_dir.glob("*.safetensors")))).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(hf_dir.glob("*.safetensors")))).hexdigest()
     desc += f", {cfg.architectures[0] if cfg.architectures else cfg.model_type}, weights sha256 {digest}"
 
-    def build():
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-        return model.train()
+    template = []
 
-    return Base(build, cfg.hidden_size, cfg.vocab_size, desc, ppl, hf_dir)
+    def build():
+        # loaded once, copied per run: from_pretrained costs more than a short run on a tiny base
+        if not template:
+            template.append(AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32))
+        return copy.deepcopy(template[0]).train()
+
+    return Base(build, cfg.hidden_size, cfg.vocab_size, desc, ppl, hf_dir, run_name)

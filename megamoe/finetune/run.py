@@ -184,14 +184,22 @@ class _DeepSpeed:
 
 
 def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden_size: int,
-                    num_classes: list[int], train: TaskSplit, test: TaskSplit, adapter_cfg: AdapterConfig,
+                    num_classes: list[int], train: TaskSplit, test: TaskSplit | None, adapter_cfg: AdapterConfig,
                     steps: int, batch_size: int, lr: float, seed: int = 0, mta_stage2_steps: int | None = None,
                     dp: bool = False, on_model: Callable | None = None, pool: str = "mean",
-                    schedule: str = "linear") -> dict:
+                    schedule: str = "linear", valid: TaskSplit | None = None, init_state: dict | None = None,
+                    keep_state: bool = False) -> dict:
     """Train ``spec`` from a fresh base; return accuracies, sizes, routing entropy, per-example
-    correctness (``right``: a '0'/'1' string over the test set, for bootstrap intervals), and
+    correctness (``right``: a '0'/'1' string over the test set, for paired comparisons), and
     ``adapters_moved``: did any adapter parameter change (False flags a dead arm, e.g. a
     saddle at init; None for ``head``).
+
+    ``test`` / ``valid``: the splits evaluated after training (``per_task_acc``, ``avg_acc``,
+    ``right`` from test; the same with a ``valid_`` prefix from validation). Either may be None:
+    a selection run evaluates validation only, so the test split is read only by final runs.
+    ``init_state``: trainable tensors (adapters + head, by name) loaded before training, e.g.
+    skills learned on other tasks (few-shot transfer); ``keep_state``: return them as
+    ``result["state"]`` (not JSON: the caller saves or drops it).
     ``pool``: the classifier's read-out (megamoe.finetune.classify); ``schedule``: see above.
     ``on_model(clf, injected)`` is called after training (e.g. to save the adapters)."""
     from megamoe.utils import progress
@@ -212,6 +220,11 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
         raise UserError(f"schedule={schedule!r}: choose from {', '.join(SCHEDULES)}")
     device = finetune_device()
     clf = MultiTaskClassifier(base, hidden_size, num_classes, pool=pool).to(device)  # before the optimizer
+    if init_state is not None:
+        own = dict(clf.named_parameters())
+        with torch.no_grad():
+            for n, t in init_state.items():
+                own[n].copy_(t)
     two_stage = method == "mta"
     stage2 = (steps // 2 if mta_stage2_steps is None else mta_stage2_steps) if two_stage else 0
     if two_stage:
@@ -256,15 +269,24 @@ def finetune_method(spec: str, build_base: Callable[[], torch.nn.Module], hidden
     ent1 = mean_routing_entropy(base) if cfg else None
     moved = max((float((p.detach() - p0).abs().max()) for p, p0 in zip(inj.adapter_params(), start) if p.numel()),
                 default=0.0) if inj is not None else None
-    right = evaluate(clf, test)
-    acc = per_task_acc(right, test.tasks, T)
+    out = {}
+    for prefix, split in (("", test), ("valid_", valid)):
+        if split is not None:
+            right = evaluate(clf, split)
+            present = set(split.tasks.tolist())  # a held-out task's run evaluates that task only: None elsewhere
+            acc = [a if t in present else None for t, a in enumerate(per_task_acc(right, split.tasks, T))]
+            out |= {f"{prefix}per_task_acc": acc, f"{prefix}avg_acc": sum(a for a in acc if a is not None) / len(present),
+                    f"{prefix}right": "".join("1" if r else "0" for r in right.tolist())}
     if on_model is not None:
         on_model(clf, inj)
+    if keep_state:
+        out["state"] = {n: p.detach().clone() for n, p in clf.named_parameters()
+                        if p.requires_grad or n.endswith("router_logits")}
     tail = max(1, len(losses) // 10)
     learned = routing_learned([ent0, ent1])
-    return {"method": spec, "per_task_acc": acc, "avg_acc": sum(acc) / T, "adapter_params": adapter_params,
-            "trainable_params": trainable, "total_params": total, "first_loss": losses[0] if losses else None,
-            "final_loss": sum(losses[-tail:]) / tail if losses else None, "train_s": train_s,
-            "adapter_steps": steps, "stage2_steps": stage2, "pool": pool, "schedule": schedule, "routing_entropy": [ent0, ent1],
-            "routing_learned": learned, "adapter_max_change": moved,
-            "adapters_moved": None if moved is None else moved > 0, "right": "".join("1" if r else "0" for r in right.tolist())}
+    return out | {"method": spec, "adapter_params": adapter_params,
+                  "trainable_params": trainable, "total_params": total, "first_loss": losses[0] if losses else None,
+                  "final_loss": sum(losses[-tail:]) / tail if losses else None, "train_s": train_s,
+                  "adapter_steps": steps, "stage2_steps": stage2, "pool": pool, "schedule": schedule,
+                  "routing_entropy": [ent0, ent1], "routing_learned": learned, "adapter_max_change": moved,
+                  "adapters_moved": None if moved is None else moved > 0}

@@ -113,7 +113,9 @@ def test_cache_key_names_the_recipe():
     from tools import finetune as tool
 
     args = argparse.Namespace(tasks="a", steps=1, batch_size=1, lr=1.0, seq_len=8, max_test=1, targets="q_proj",
-                              rank=1, set=[], mta_stage2_steps=0, pool="mean", schedule="linear")
+                              rank=1, set=[], mta_stage2_steps=0, pool="mean", schedule="linear", max_valid=5,
+                              transfer=None, prior_size=10, prior_steps=1)
     s = tool._settings(args, "base")
-    assert s["pool"] == "mean" and s["schedule"] == "linear" and s["recipe"] == tool.RECIPE >= 2
+    assert s["pool"] == "mean" and s["schedule"] == "linear" and s["recipe"] == tool.RECIPE >= 3
+    assert tool._settings(argparse.Namespace(**{**vars(args), "max_valid": 6}), "base") != s
     assert tool._settings(argparse.Namespace(**{**vars(args), "pool": "last"}), "base") != s

@@ -76,7 +76,8 @@ def lr_factor(step: int, total: int, schedule: str = "linear") -> float:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``"lora:rank=16/alpha=2"`` -> ("lora", {"rank": 16, "alpha": 2}); values parsed as YAML."""
+    """``"lora:rank=16/alpha=2"`` -> ("lora", {"rank": 16, "alpha": 2}); values parsed as YAML, but
+    ``target_modules=all`` or ``=q_proj+v_proj`` (an arm list is comma-separated) become lists."""
     import yaml
 
     name, _, rest = spec.partition(":")
@@ -88,6 +89,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
         if not eq or k not in AdapterConfig.__dataclass_fields__:
             raise UserError(f"method {spec!r}: {item!r} is not FIELD=VALUE with an AdapterConfig field")
         overrides[k] = yaml.safe_load(v)
+        if k == "target_modules" and isinstance(overrides[k], str):  # "all" or "q_proj+v_proj": no commas in an arm
+            overrides[k] = overrides[k].split("+")
     return name, overrides
 
 

@@ -14,6 +14,8 @@ from .common import D, split, tiny_llama
 def test_parse_method():
     assert parse_method("lora:rank=16/alpha=8.5") == ("lora", {"rank": 16, "alpha": 8.5})
     assert parse_method("mta_one") == ("mta_one", {})
+    assert parse_method("poly:target_modules=all") == ("poly", {"target_modules": ["all"]})
+    assert parse_method("poly:target_modules=q_proj+v_proj")[1] == {"target_modules": ["q_proj", "v_proj"]}
     with pytest.raises(UserError, match="rnk"):
         parse_method("lora:rnk=2")
     with pytest.raises(UserError, match="unknown"):

@@ -150,6 +150,27 @@ def test_bad_numbers_stop_with_one_line_before_loading_anything(argv, msg, capsy
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {msg}\n"
 
 
+def test_default_arms_build_and_equal_size_arms_match_cpoly():
+    """Every default arm is a valid spec (the paper arms' target_modules=all once failed only when
+    the full suite reached them), and Poly / private LoRA get C-Poly's adapter parameters."""
+    from megamoe.finetune.config import AdapterConfig
+    from megamoe.finetune.inject import inject_adapters
+    from megamoe.finetune.run import method_config
+
+    from .common import tiny_llama
+
+    T, base = 8, AdapterConfig(rank=4, num_skills=4, bottleneck=4, target_modules=["q_proj", "v_proj"])
+    counts = {}
+    for arm in tool.default_arms(T, base).split(","):
+        method, cfg = method_config(tool.split_lr(arm)[0], base, T)
+        if cfg is not None:
+            inj = inject_adapters(tiny_llama(), cfg)
+            counts[arm] = sum(p.numel() for n, p in inj.model.named_parameters()
+                              if p.requires_grad and "logits" not in n)
+    poly_eq, private_eq = tool.equal_size_arms(T, base)
+    assert counts["cpoly"] == counts[poly_eq] == counts[private_eq]  # 12 rank-4 modules per projection
+
+
 def test_validation_is_carved_from_train_fixed_and_disjoint(setup, tmp_path):
     """Splits (issue 29): validation comes from the train rows, is the same for every seed and
     never overlaps the training draw; test is the task's own test rows; Brown passages are carved

@@ -25,13 +25,24 @@ def _run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
                            *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-# balance.py: two arms only (its other four are the same code path at other settings)
-@pytest.mark.parametrize("script,only", [("routing.py", ""), ("mpoe.py", ""), ("balance.py", "aux_E16,bias_E16")])
-def test_quick_study_end_to_end_and_resumable(script, only, tmp_path):
+# A subset of each study's arms end to end (every other arm is a config of the same code paths,
+# and test_every_arm_resolves_to_a_valid_config checks them all): routing's families, the E-ladder,
+# a capacity variant, an ablation that needs the dense arm; mpoe's Switch,
+# 3- and 5-tensor MPO, a central-tensor rule, and the upcycling chain; balance's aux and bias.
+SUBSETS = {
+    "routing.py": "dense,dense_wide_E8,switch_top1_E8,switch_cap1.25_E16,hash_balanced_E8,hash_clustered_E64",
+    "mpoe.py": "dense,switch_E8,mpo_E8,mpo5_E16,mask_skip_p0.5_scratch,dense_base,mpo_upcycled",
+    "balance.py": "aux_E16,bias_E16",
+}
+
+
+@pytest.mark.parametrize("script", sorted(SUBSETS))
+def test_quick_study_end_to_end_and_resumable(script, tmp_path):
     if not (ROOT / "data" / "corpus_text_document.idx").is_file():
         pytest.skip("needs the corpus: run `make data`")
+    only = SUBSETS[script]
     out = tmp_path / script.removesuffix(".py")
-    extra = ("--only", only) if only else ()
+    extra = ("--only", only)
     p = _run(script, out, *extra)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -39,19 +50,45 @@ def test_quick_study_end_to_end_and_resumable(script, only, tmp_path):
 
     study = importlib.import_module(script.removesuffix(".py")).STUDY
     rows = {r["arm"]: r for r in summary["rows"]}
-    assert set(rows) == ({a.name for a in study.arms} if not only else set(only.split(",")))
+    assert set(rows) == set(only.split(","))
+    assert summary["lr_sweep"] and all(sw["chosen"] in study.lr_grid for sw in summary["lr_sweep"].values()
+                                       if sw["lr"])
     for r in rows.values():
         assert r["seeds"] == 2 and r["test_lm_loss_lo"] <= r["test_lm_loss"] <= r["test_lm_loss_hi"]
         assert r["test_ppl"] > 1 and r["stale_seeds"] == [] and r["params_active"] <= r["params_total"]
         assert r.get("vs_reference") in (None, "ref", "better", "worse", "tie", "not resolved")
     assert (out / "loss_curves.png").stat().st_size > 1000
-    assert (out / "max_load.png").stat().st_size > 1000
-    assert "± " in (out / "summary.md").read_text()
+    assert (out / "max_load.png").stat().st_size > 1000 and (out / "router_entropy.png").stat().st_size > 1000
+    md = (out / "summary.md").read_text()
+    assert "95% CI" in md and "| stale" not in md
     # resumable: every (arm, seed) is cached, so a rerun trains nothing and rewrites no result
-    before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*.json")}
+    cached = lambda: {p: p.stat().st_mtime_ns for p in [*out.glob("*/seed*.json"), *out.glob("lr_sweep/*/lr*.json")]}  # noqa: E731
+    before = cached()
     p = _run(script, out, *extra)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*.json")} == before
+    assert cached() == before
+
+
+@pytest.mark.parametrize("script", sorted(SUBSETS))
+def test_every_arm_resolves_to_a_valid_config(script):
+    """Every arm's overrides (at both sizes, any LR of the grid) make a config the loader
+    accepts: an arm left out of the end-to-end subset cannot hide a typo until the full run."""
+    import importlib
+
+    import common
+
+    from megamoe.run_config import load_run_config
+
+    study = importlib.import_module(script.removesuffix(".py")).STUDY
+    assert set(study.lr_sweep.values()) <= {a.name for a in study.arms}
+    assert set(study.reference.values()) <= {a.name for a in study.arms}
+    for arm in study.arms:
+        assert not arm.family or arm.family in study.lr_sweep, arm.name
+        # what routing's prepare() adds: the dense arm's checkpoint, made during the study
+        prepared = ["moe.hash.embedding_checkpoint=dense.safetensors"] if arm.prepare and "hash" in arm.name else []
+        for quick in (False, True):
+            lr = study.lr_grid[0] if arm.family else None
+            load_run_config(None, common.declared(study, arm, 0, quick, lr) + prepared)
 
 
 def test_unknown_arm_is_a_clear_error(tmp_path):
@@ -73,23 +110,6 @@ def _fake_run(calls):
         return {**_rec(arm.name, seed, 1.0), **common.fingerprint(overrides)}
 
     return run
-
-
-def test_same_as_reuses_the_twin_result_and_trains_it_when_absent(tmp_path, monkeypatch):
-    import common
-
-    calls = []
-    monkeypatch.setattr(common, "run_one", _fake_run(calls))
-    monkeypatch.setattr(common, "ROOT", tmp_path)
-    twin = tmp_path / "results" / "experiments" / "other" / "a"
-    twin.mkdir(parents=True)
-    (twin / "seed0.json").write_text(json.dumps({"arm": "a", "seed": 0, "valid_lm_loss": 2.5, "study": "other"}))
-    study = common.Study(name="s", base_overrides=[], quick_overrides=[], reference={},
-                         arms=[common.Arm("b", [], group="g", same_as="other/a")])
-    recs = common.run_study(study, tmp_path / "out", quick=False, seeds=2, only=None)
-    assert calls == [("b", 1)]  # seed 0 reused, seed 1 had no twin
-    assert recs[0]["valid_lm_loss"] == 2.5 and recs[0]["reused_from"] == "other/a" and recs[0]["arm"] == "b"
-    assert json.loads((tmp_path / "out" / "b" / "seed0.json").read_text())["study"] == "s"
 
 
 def test_a_result_made_by_other_code_or_config_is_stale_and_rerun_on_request(tmp_path, monkeypatch):

@@ -5,11 +5,12 @@ at E=16 and E=64, with validation perplexity and the max/mean expert load over t
     python tools/experiments/balance.py --quick    # toy size (the test suite runs it)
 
 Model and budget: the routing study's (tools/experiments/routing.py: 4 blocks, D=128, F=256,
-V=8000, sequence 128, blocks 1 and 3 sparse, 200 steps of 16 sequences, 3 seeds), Switch top-1
-with the straight-through combine weight and capacity factor 1.25 in every arm, so only the
-balancing rule differs:
-- ``aux``: the micro-batch Switch loss, coefficient 0.01 (= routing's ``switch_top1_st_E*``,
-  whose cached results are reused: same configuration, same seeds).
+V=8000, sequence 128, blocks 1 and 3 sparse, 200 steps of 16 sequences, the 96/2/2 split, test
+loss compared), 3 seeds (not a headline study), Switch top-1 with the straight-through combine
+weight and capacity factor 1.25 in training and evaluation in every arm (balance matters where
+tokens are dropped), so only the balancing rule differs; one LR per family (Switch, hash), the
+best of routing's grid on valid at a seed of its own:
+- ``aux``: the micro-batch Switch loss, coefficient 0.01.
 - ``bias``: no aux loss; the DeepSeek-V3 selection bias moved by ``rate * sign(mean - load)``
   after each step, rate 1e-3 (Megatron-Core's ``moe_router_bias_update_rate`` default).
 - ``aux_bias``: both.
@@ -18,7 +19,7 @@ routed tokens over the mean share, before capacity drops: 1 is perfect balance.
 
 Hash-MoE (DeepSeek-V4, megamoe/moe/hash_moe.py) against the Hash Layers paper's hash layer at
 E=64, balanced tables, equal active parameters:
-- ``hash_layer_E64``: top-1 by the token id, weight 1 (= routing's ``hash_balanced_E64``, reused);
+- ``hash_layer_E64``: top-1 by the token id, weight 1 (routing's ``hash_balanced_E64``);
 - ``hash_moe_k2_E64``: k=2 experts per token id from the frozen [V, 2] table, each half as wide
   (F/2), weighted by the learned gate's normalised sqrt(softplus) scores (DeepSeek-V4's scoring);
 - ``hash_moe_k2_shared_E64``: the same with experts of width F/4 plus one always-on shared expert
@@ -35,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Arm, Study, main  # noqa: E402
-from routing import BASE, COUNTS, F, QUICK, SWITCH, _hash, _moe  # noqa: E402
+from routing import BASE, COUNTS, F, LR_GRID, QUICK, SWITCH, _hash, _moe  # noqa: E402
 
 BIAS_RATE = 1e-3
 
@@ -43,13 +44,14 @@ BIAS_RATE = 1e-3
 def arms() -> list[Arm]:
     out = []
     for E in (16, 64):
-        switch = _moe(E, False) + SWITCH + ["moe.router.combine=straight_through"]
+        switch = _moe(E, False) + SWITCH + ["moe.router.capacity_factor=1.25", "moe.router.eval_capacity_factor=1.25"]
         bias = [f"moe.router.expert_bias_rate={BIAS_RATE}"]
         g = f"E={E}"
         out += [
-            Arm(f"aux_E{E}", switch, group=g, same_as=f"routing/switch_top1_st_E{E}", note="aux 0.01"),
-            Arm(f"bias_E{E}", switch + ["moe.router.aux_loss_coef=0"] + bias, group=g, note=f"bias rate {BIAS_RATE}"),
-            Arm(f"aux_bias_E{E}", switch + bias, group=g, note="both"),
+            Arm(f"aux_E{E}", switch, group=g, note="aux 0.01", family="switch"),
+            Arm(f"bias_E{E}", switch + ["moe.router.aux_loss_coef=0"] + bias, group=g, note=f"bias rate {BIAS_RATE}",
+                family="switch"),
+            Arm(f"aux_bias_E{E}", switch + bias, group=g, note="both", family="switch"),
         ]
     hash_moe = _moe(64, False) + ["moe.hash_moe.layers=2", "moe.hash_moe.variant=balanced",
                                   f"moe.hash_moe.counts_file={COUNTS}", "moe.router.top_k=2",
@@ -57,18 +59,20 @@ def arms() -> list[Arm]:
                                   "moe.router.aux_loss_coef=0", "moe.router.z_loss_coef=0"]
     g = "hash-MoE vs hash layer, E=64"
     out += [
-        Arm("hash_layer_E64", _hash(64, "balanced"), group=g, same_as="routing/hash_balanced_E64", note="paper's hash layer"),
-        Arm("hash_moe_k2_E64", hash_moe + [f"moe.expert_ffn_hidden_size={F // 2}"], group=g, note="k=2 x F/2"),
+        Arm("hash_layer_E64", _hash(64, "balanced"), group=g, note="paper's hash layer", family="hash"),
+        Arm("hash_moe_k2_E64", hash_moe + [f"moe.expert_ffn_hidden_size={F // 2}"], group=g, note="k=2 x F/2",
+            family="hash"),
         Arm("hash_moe_k2_shared_E64", hash_moe + [f"moe.expert_ffn_hidden_size={F // 4}", "moe.shared_experts=1",
                                                   f"moe.shared_expert_ffn_hidden_size={F // 2}"], group=g,
-            note="k=2 x F/4 + shared F/2"),
+            note="k=2 x F/4 + shared F/2", family="hash"),
     ]
     return out
 
 
-STUDY = Study(name="balance", base_overrides=BASE, quick_overrides=QUICK, arms=arms(),
-              reference={"E=16": "aux_E16", "E=64": "aux_E64",
-                                                                   "hash-MoE vs hash layer, E=64": "hash_layer_E64"}, describe=__doc__.split("\n\n")[0])
+STUDY = Study(name="balance", base_overrides=BASE, quick_overrides=QUICK, arms=arms(), seeds=3,
+              reference={"E=16": "aux_E16", "E=64": "aux_E64", "hash-MoE vs hash layer, E=64": "hash_layer_E64"},
+              lr_sweep={"switch": "aux_E16", "hash": "hash_layer_E64"}, lr_grid=LR_GRID,
+              describe=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
     from megamoe.errors import cli_main

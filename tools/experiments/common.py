@@ -34,6 +34,7 @@ Design:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -89,9 +90,6 @@ class Arm:
     group: str = ""  # table section (e.g. "E=16")
     note: str = ""  # shown in the table (e.g. "analysis only")
     prepare: object = None  # callable(arm, seed, run_dir, overrides) -> extra overrides, run before training
-    # "<study>/<arm>": the same configuration and seeds as that arm of another study; its cached
-    # full-size result is reused (copied, marked) instead of rerun. Trained here when absent.
-    same_as: str = ""
     family: str = ""  # its LR comes from this family's sweep (Study.lr_sweep); "" = the base LR
     seeds: int = 0  # seeds of this arm (0 = the study's; fewer for arms outside the headline)
 
@@ -109,7 +107,7 @@ class Study:
     lr_sweep: dict = field(default_factory=dict)  # {family: name of the arm the family's LR is swept on}
     lr_grid: tuple = (1e-3, 2e-3, 4e-3)  # peak LRs of the sweep (min LR = peak / 10)
     margin: float = 0.01  # TOST equivalence margin on the test loss, nats
-    figures: object = None  # callable(study, rows, out): the study's own plots (E-ladder, MPO curve)
+    figures: object = None  # callable(study, rows, out) -> markdown: the study's own plots and tables
 
 
 # ---- code and config fingerprints --------------------------------------------------------------
@@ -261,7 +259,8 @@ def chosen_lr(study: Study, out: Path, family: str) -> float | None:
     recs = sweep_records(study, out, family)
     if len(recs) < len(study.lr_grid):
         return None
-    return min(recs, key=lambda lr: recs[lr]["valid_lm_loss"])
+    loss = {lr: r["valid_lm_loss"] for lr, r in recs.items()}
+    return min(loss, key=lambda lr: loss[lr] if math.isfinite(loss[lr]) else math.inf)  # a diverged LR loses
 
 
 def run_sweep(study: Study, out: Path, quick: bool, family: str, rerun_stale: bool) -> float:
@@ -298,13 +297,7 @@ def run_study(study: Study, out: Path, quick: bool, seeds: int, only: list[str] 
         overrides = arm_overrides(study, arm, seed, quick, out)
         rec = _cached(path, overrides, rerun_stale)
         if rec is None:
-            twin = ROOT / "results" / "experiments" / arm.same_as / f"seed{seed}.json"
-            if arm.same_as and not quick and twin.is_file():
-                rec = dict(json.loads(twin.read_text()), study=study.name, arm=arm.name, group=arm.group,
-                           reused_from=arm.same_as)
-            else:
-                rec = run_one(study, arm, seed, path.with_suffix(".run"), overrides, quick)
-            rec = _save(path, rec)
+            rec = _save(path, run_one(study, arm, seed, path.with_suffix(".run"), overrides, quick))
         records.append(rec)
     return records
 
@@ -349,6 +342,7 @@ def summarise(study: Study, records: list[dict], out: Path | None = None) -> lis
                                       "test_ppl": math.exp(iv.mean)}),
             "params_total": rs[0]["params_total"], "params_active": rs[0]["params_active"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
+            "wall_h": sum(r.get("wall_s", 0.0) for r in rs) / 3600,
             **{f"mean_{k}": sum(v) / len(v) for k, v in moe_means.items()},
             **_final(rs, "max_load_curve", "final_max_load"), **_final(rs, "entropy_curve", "final_router_entropy"),
         })
@@ -367,7 +361,10 @@ def summarise(study: Study, records: list[dict], out: Path | None = None) -> lis
         # parameters' init) in every arm, so the per-seed difference cancels the seed-to-seed
         # spread that dominates each arm's own interval.
         seeds = sorted(s for (a, s) in loss_of if a == r["arm"] and (ref["arm"], s) in loss_of)
-        diffs[r["arm"]] = [loss_of[(r["arm"], s)] - loss_of[(ref["arm"], s)] for s in seeds]
+        if seeds:
+            diffs[r["arm"]] = [loss_of[(r["arm"], s)] - loss_of[(ref["arm"], s)] for s in seeds]
+        else:  # nothing to test (e.g. only results from before the test split): not in Holm's family
+            r.update(vs_reference="not resolved", paired_seeds=0)
     for name, v in verdicts(diffs, margin=study.margin).items():
         by_name[name].update({"vs_reference": v.word, "paired_seeds": v.n, "delta_test_loss": v.mean,
                               "delta_lo": v.lo, "delta_hi": v.hi, "p_holm": v.p_adj, "p_tost_holm": v.p_tost_adj})
@@ -426,13 +423,16 @@ def markdown(study: Study, rows: list[dict], prov: dict, quick: bool, sweeps: di
             f"{_f(r.get('mean_dropped_fraction'), '.3f')} | {_f(r.get('mean_max_load'), '.2f')} | "
             f"{_f(r.get('final_max_load'), '.2f')} | {_f(r.get('final_router_entropy'), '.2f')} | "
             f"{'stale ' + str(len(r['stale_seeds'])) if r['stale_seeds'] else 'current'} | {r['note']} |")
+    lines += ["", f"Compute: {sum(r['wall_h'] for r in rows):.1f} CPU-hours in the cached runs of this table "
+              "(the LR sweep's not included)."]
     if sweeps:
         lines += ["", f"LR sweep (seed {SWEEP_SEED}, valid loss; the lowest is each family's LR):", "",
                   "| family | swept on | " + " | ".join(f"lr {lr:g}" for lr in study.lr_grid) + " | chosen |",
                   "|" + "---|" * (3 + len(study.lr_grid))]
         for fam, sw in sweeps.items():
+            edge = " (grid edge: widen the grid)" if sw["chosen"] in (min(study.lr_grid), max(study.lr_grid)) else ""
             lines.append(f"| {fam} | {sw['arm']} | " + " | ".join(_f(sw["lr"].get(lr), ".4f") for lr in study.lr_grid)
-                         + f" | {_f(sw['chosen'], 'g')} |")
+                         + f" | {_f(sw['chosen'], 'g')}{edge} |")
     return "\n".join(lines) + "\n"
 
 
@@ -494,15 +494,15 @@ def report(study: Study, out: Path, command: str, quick: bool) -> list[dict]:
     atomic_write_text(out / "summary.json", json.dumps(
         {"study": study.name, **prov, "quick": quick, "margin": study.margin, "lr_sweep": sweeps, "rows": rows},
         indent=1) + "\n")
-    atomic_write_text(out / "summary.md", markdown(study, rows, prov, quick, sweeps))
+    # the study's own figures (E-ladder, MPO curve) and their tables go below the main table
+    extra = study.figures(study, rows, out) if study.figures is not None and rows else ""
+    atomic_write_text(out / "summary.md", markdown(study, rows, prov, quick, sweeps) + extra)
     if records:
         plot_curves(study, records, out / "loss_curves.png")
         # 1 is perfect balance, E is every token on one expert
         plot_moe_curve(study, records, "max_load_curve", "max / mean expert load", out / "max_load.png")
         # ln E is a uniform router; a router that learns falls below it
         plot_moe_curve(study, records, "entropy_curve", "router entropy (nats)", out / "router_entropy.png")
-    if study.figures is not None and rows:
-        study.figures(study, rows, out)
     return rows
 
 
@@ -525,6 +525,8 @@ def main(study: Study, argv=None) -> int:
         for a in study.arms:
             print(f"{a.group:8s} {a.name:24s} {' '.join(a.overrides)}")
         return 0
+    if args.quick:  # the grid's ends: the sweep's code path at two thirds of its cost
+        study = dataclasses.replace(study, lr_grid=(study.lr_grid[0], study.lr_grid[-1]))
     out = Path(args.out or ROOT / "results" / "experiments" / (study.name + ("-quick" if args.quick else "")))
     seeds = args.seeds or (2 if args.quick else study.seeds)
     only = [s for s in args.only.split(",") if s] or None

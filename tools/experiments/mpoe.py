@@ -1,21 +1,36 @@
-"""MPOE study (issue 10): upcycle a dense base pretrained in the suite into E=8 experts (Switch
-copies + noise, MPO exact, MPO bond-truncated) against continuing the dense model, at equal
-steps; the central-tensor update-rule ablation on MPO exact; and MPO vs Switch from scratch.
+"""MPOE study (issue 31): the paper's claim (Switch quality at far fewer parameters) as a curve,
+from scratch: test perplexity against total parameters for Switch at E = 2..64 and MPO experts at
+several E and bond dimensions, with a dense control at equal steps; the central-tensor update
+rules from scratch (where experts diverge) and upcycled from a dense base.
 
-    python tools/experiments/mpoe.py            # full study, resumable (results/experiments/mpoe/)
-    python tools/experiments/mpoe.py --quick    # toy size (the test suite runs it)
+    python tools/experiments/mpoe.py                # full study, resumable (results/experiments/mpoe/)
+    python tools/experiments/mpoe.py --report-only  # tables and plots from the cache; stale results marked
+    python tools/experiments/mpoe.py --quick        # toy size (the test suite runs a subset of the arms)
 
-Model (full size): the routing study's decoder (4 blocks, D=128, F=256, V=8000, sequence 128);
-blocks 1 and 3 become MoE with E=8, top-1, straight-through combine weight p/p.detach() (as the
-official RUCAIBox/MPO SwitchFFN), so an upcycled model starts as the dense model. Budget:
-``dense_base`` trains 150 steps of 16 sequences per seed; every upcycled / continued arm trains
-150 more steps from that seed's base (equal steps); the from-scratch arms train 300 steps.
-MPO: 3 local tensors per matrix; "truncated" caps the bond dimension at 16.
+Model (full size): the routing study's decoder (4 blocks, D=128, F=256, V=8000, sequence 128,
+the 96/2/2 split, test loss compared); blocks 1 and 3 become MoE, top-1, dropless (no capacity at
+train or eval). Budget: 200 steps of 16 sequences from scratch; the upcycled group trains a dense
+base 100 steps and every upcycled / continued arm 100 more from that seed's base (equal steps).
+Seeds: 5 at E=8 and E=16 (the headline), 3 elsewhere.
 
-Mask ablation (on MPO exact, upcycled; its no-mask reference is ``mpo_exact_upcycled``): the paper's rule (MPOE figure: with probability
-p_b = 0.5 per step only the auxiliary tensors are updated, the central tensor and its AdamW
-state untouched); an element-wise Bernoulli(0.5) gradient mask; a central LR x 0.5 control
-(the same expected central step as the skip rule, without the skipping); freeze.
+Routers: ``switch_E{E}`` is the official RUCAIBox/MPO SwitchFFN's (dropless, straight-through
+weight p / p.detach(), no aux loss, no z-loss); every MPO arm uses it too, so the experts alone
+differ. ``switch_megamoe_E8`` is megamoe's default beside it (aux 0.01, z 0.001).
+
+MPO experts: one central tensor per projection shared by the layer's experts, auxiliary tensors
+per expert. ``mpo_E{E}``: 3 tensors, exact (no bond truncation); ``mpo_b{r}_E{E}``: bond
+dimensions capped at r; ``mpo5_E{E}``: the paper's 5-tensor chain (factor shapes chosen
+automatically for D=128, F=256), exact. Each MPO arm is compared with the Switch at the same E
+(the reference of its group); a "tie" or "better" there at fewer parameters is the paper's claim
+at that point, and the table under the figure states the parameter ratio.
+
+Central-tensor rules (on ``mpo_E8`` from scratch, and on an upcycled MPO E=8): the paper's rule
+(with probability p_b = 0.5 per step only the auxiliary tensors are updated, the central tensor
+and its AdamW state untouched), an element-wise Bernoulli(0.5) gradient mask, a central LR x 0.5
+control (the same expected central step as the skip rule, without skipping), and freeze.
+
+LR: each family (dense, Switch official, Switch megamoe, MPO) takes the best of 1e-3 / 3e-3 /
+9e-3 on valid at a seed of its own; the upcycled arms continue at the family's LR / 2.
 
 The paper's headline: Switch-level quality with 27.2x fewer total parameters (T5 upcycling and
 GLUE fine-tuning, not pretraining from scratch as here).
@@ -29,15 +44,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Arm, Study, main  # noqa: E402
-from routing import BASE, QUICK  # noqa: E402
+from routing import BASE, LR_GRID, QUICK  # noqa: E402
 
-E, LAYERS, BASE_STEPS, MORE_STEPS = 8, "[1,3]", 150, 150
+LAYERS, STEPS, BASE_STEPS, SHORT = "[1,3]", 200, 100, 3
+HEADLINE = (8, 16)
 
-MOE = [f"moe.num_experts={E}", f"moe.layers={LAYERS}", "moe.router.top_k=1", "moe.router.capacity_factor=1.25",
-       "moe.router.combine=straight_through", "moe.mpo.num_tensors=3"]
-MPO = MOE + ["moe.expert_type=mpo"]
-CONTINUE = [f"train.train_steps={MORE_STEPS}", "train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=10"]
+OFFICIAL = ["moe.router.top_k=1", "moe.router.capacity_factor=0", "moe.router.eval_capacity_factor=0",
+            "moe.router.combine=straight_through", "moe.router.aux_loss_coef=0", "moe.router.z_loss_coef=0"]
+MEGAMOE = ["moe.router.aux_loss_coef=0.01", "moe.router.z_loss_coef=0.001"]
+CONTINUE = [f"train.train_steps={STEPS - BASE_STEPS}", "train.warmup_steps=10"]
 QUICK_STEPS = 4
+
+
+def _moe(E: int, *extra: str) -> list[str]:
+    return [f"moe.num_experts={E}", f"moe.layers={LAYERS}", *OFFICIAL, *extra]
+
+
+def _mpo(E: int, tensors: int = 3, bond: int = 0) -> list[str]:
+    return _moe(E, "moe.expert_type=mpo", f"moe.mpo.num_tensors={tensors}", f"moe.mpo.max_bond_dim={bond}")
+
+
+MASKS = {"mask_skip_p0.5": (["moe.mpo.grad_mask=skip", "moe.mpo.grad_mask_p=0.5"], "paper's rule"),
+         "mask_bernoulli_0.5": (["moe.mpo.grad_mask=bernoulli", "moe.mpo.grad_mask_p=0.5"], "element-wise"),
+         "central_lr_x0.5": (["moe.mpo.central_lr_scale=0.5"], "LR-matched control"),
+         "mask_freeze": (["moe.mpo.grad_mask=freeze"], "")}
 
 
 def _base_weights(run_dir: Path, seed: int) -> Path:
@@ -51,12 +81,15 @@ def _base_weights(run_dir: Path, seed: int) -> Path:
 
 
 def _from_base(upcycle: bool):
-    """prepare(): this seed's dense base, upcycled into the arm's MoE config when ``upcycle``."""
+    """prepare(): this seed's dense base, upcycled into the arm's MoE config when ``upcycle``;
+    the continued arm trains at half its family's LR (a second phase, not a fresh start)."""
 
     def prepare(arm, seed, run_dir, overrides):
+        lr = next(float(o.split("=", 1)[1]) for o in reversed(overrides) if o.startswith("train.lr="))
+        half = [f"train.lr={lr / 2:g}", f"train.min_lr={lr / 20:g}"]
         base = _base_weights(run_dir, seed)
         if not upcycle:
-            return [f"train.init_from={base}"]
+            return [f"train.init_from={base}", *half]
         from safetensors.torch import load_file, save_file
 
         from megamoe.hf.import_ import upcycle as upcycle_sd
@@ -69,38 +102,100 @@ def _from_base(upcycle: bool):
             sd = upcycle_sd(run.model, run.moe, load_file(str(base)), noise=0.01, seed=1000 + seed)
             with atomic_path(out) as tmp:
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
-        return [f"train.init_from={out}"]
+        return [f"train.init_from={out}", *half]
 
     return prepare
 
 
 def arms() -> list[Arm]:
-    more = CONTINUE
-    scratch = [f"train.train_steps={BASE_STEPS + MORE_STEPS}"]
-    up = _from_base(True)
-    g, m, s = "upcycled E=8", "mask ablation (MPO exact, upcycled)", "from scratch E=8"
-    return [
-        Arm("dense_base", [f"train.train_steps={BASE_STEPS}"], group="base", note="the dense model every arm starts from"),
-        Arm("dense_continued", more, group=g, prepare=_from_base(False)),
-        Arm("switch_upcycled", MOE + more, group=g, prepare=up, note="copies + 1% noise"),
-        Arm("mpo_exact_upcycled", MPO + more, group=g, prepare=up),
-        Arm("mpo_trunc16_upcycled", MPO + ["moe.mpo.max_bond_dim=16"] + more, group=g, prepare=up),
-        Arm("mask_skip_p0.5", MPO + ["moe.mpo.grad_mask=skip", "moe.mpo.grad_mask_p=0.5"] + more, group=m, prepare=up,
-            note="paper's rule"),
-        Arm("mask_bernoulli_0.5", MPO + ["moe.mpo.grad_mask=bernoulli", "moe.mpo.grad_mask_p=0.5"] + more, group=m,
-            prepare=up, note="element-wise"),
-        Arm("central_lr_x0.5", MPO + ["moe.mpo.central_lr_scale=0.5"] + more, group=m, prepare=up,
-            note="LR-matched control"),
-        Arm("mask_freeze", MPO + ["moe.mpo.grad_mask=freeze"] + more, group=m, prepare=up),
-        Arm("switch_scratch", MOE + scratch, group=s),
-        Arm("mpo_scratch", MPO + scratch, group=s),
+    out = [Arm("dense", [], group="dense and small Switch", family="dense", note="control, equal steps")]
+    out += [Arm(f"switch_E{E}", _moe(E), group="dense and small Switch", family="switch", seeds=SHORT) for E in (2, 4)]
+    for E in (8, 16, 32, 64):
+        g, n = f"E={E}", (0 if E in HEADLINE else SHORT)
+        out += [Arm(f"switch_E{E}", _moe(E), group=g, family="switch", seeds=n, note="official router"),
+                Arm(f"mpo_E{E}", _mpo(E), group=g, family="mpo", seeds=n, note="3 tensors, exact")]
+        if E == 8:
+            out.append(Arm("switch_megamoe_E8", _moe(8, *MEGAMOE), group=g, family="switch_megamoe",
+                           note="megamoe default: aux 0.01, z 0.001"))
+        if E in (16, 64):
+            out += [Arm(f"mpo_b{r}_E{E}", _mpo(E, bond=r), group=g, family="mpo", seeds=n, note=f"bond <= {r}")
+                    for r in (8, 4)]
+            out.append(Arm(f"mpo5_E{E}", _mpo(E, tensors=5), group=g, family="mpo", seeds=n, note="5 tensors, exact"))
+    g = "central-tensor rules, from scratch (MPO E=8)"
+    out += [Arm(f"{name}_scratch", _mpo(8) + extra, group=g, family="mpo", seeds=SHORT, note=note)
+            for name, (extra, note) in MASKS.items()]
+    g, up = "upcycled E=8", _from_base(True)
+    out += [
+        Arm("dense_base", [f"train.train_steps={BASE_STEPS}"], group="base", family="dense", seeds=SHORT,
+            note="the dense model every upcycled arm starts from"),
+        Arm("dense_continued", CONTINUE, group=g, prepare=_from_base(False), family="dense", seeds=SHORT),
+        Arm("switch_upcycled", _moe(8) + CONTINUE, group=g, prepare=up, family="switch", seeds=SHORT,
+            note="copies + 1% noise"),
+        Arm("mpo_upcycled", _mpo(8) + CONTINUE, group=g, prepare=up, family="mpo", seeds=SHORT),
     ]
+    out += [Arm(f"{name}_upcycled", _mpo(8) + extra + CONTINUE, group="central-tensor rules, upcycled (MPO E=8)",
+                prepare=up, family="mpo", seeds=SHORT, note=note) for name, (extra, note) in MASKS.items()]
+    return out
+
+
+def curve(study, rows: list[dict], out) -> str:
+    """Test perplexity against total parameters: Switch at each E (a line), MPO arms (points),
+    dense (a line); and the parameter ratio of each MPO arm to the Switch at its E with the verdict."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import atomic_path
+
+    by = {r["arm"]: r for r in rows if "test_ppl" in r}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sw = sorted((r for a, r in by.items() if a.startswith("switch_E")), key=lambda r: r["params_total"])
+    ax.plot([r["params_total"] / 1e6 for r in sw], [r["test_ppl"] for r in sw], marker="o", label="Switch (official router)")
+    for r in sw:
+        ax.annotate(r["arm"].removeprefix("switch_"), (r["params_total"] / 1e6, r["test_ppl"]), fontsize=6)
+    for kind, marker in (("mpo_E", "s"), ("mpo_b8_", "^"), ("mpo_b4_", "v"), ("mpo5_", "D")):
+        pts = [r for a, r in by.items() if a.startswith(kind)]
+        if pts:
+            ax.scatter([r["params_total"] / 1e6 for r in pts], [r["test_ppl"] for r in pts], marker=marker,
+                       label=kind.rstrip("_E").rstrip("_").replace("mpo", "MPO"))
+            for r in pts:
+                ax.annotate(r["arm"].rsplit("_", 1)[-1], (r["params_total"] / 1e6, r["test_ppl"]), fontsize=6)
+    if "dense" in by:
+        ax.axhline(by["dense"]["test_ppl"], color="k", ls="--", lw=1, label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters (M)")
+    ax.set_ylabel("test perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    with atomic_path(out / "mpo_curve.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    lines = ["", "## MPO experts against the Switch at the same E", "",
+             "Parameter ratio: the Switch's total (and expert) parameters over the MPO arm's. The claim "
+             "holds at a point only where the verdict is tie or better.", "",
+             "| MPO arm | Switch | total ratio | expert-param ratio | Δ test loss [95% CI] | vs Switch |", "|---|---|---|---|---|---|"]
+    dense = by.get("dense", {}).get("params_total")
+    for a, r in by.items():
+        ref = by.get(r.get("reference", ""))
+        if not a.startswith("mpo") or ref is None or "delta_test_loss" not in r or "_E" not in a:
+            continue
+        expert = "" if dense is None else f"{(ref['params_total'] - dense) / max(1, r['params_total'] - dense):.2f}x"
+        ci = "" if math.isnan(r["delta_lo"]) else f" [{r['delta_lo']:+.4f}, {r['delta_hi']:+.4f}]"
+        lines.append(f"| {a} | {ref['arm']} | {ref['params_total'] / r['params_total']:.2f}x | {expert} | "
+                     f"{r['delta_test_loss']:+.4f}{ci} | {r['vs_reference']} |")
+    return "\n".join(lines + ["", "![test perplexity against total parameters](mpo_curve.png)", ""])
 
 
 STUDY = Study(name="mpoe", base_overrides=BASE, arms=arms(), describe=__doc__.split("\n\n")[0],
               quick_overrides=QUICK + [f"train.train_steps={QUICK_STEPS}"],
-              reference={"upcycled E=8": "switch_upcycled", "mask ablation (MPO exact, upcycled)": "mpo_exact_upcycled",
-                         "from scratch E=8": "switch_scratch"})
+              reference={"dense and small Switch": "dense", **{f"E={E}": f"switch_E{E}" for E in (8, 16, 32, 64)},
+                         "central-tensor rules, from scratch (MPO E=8)": "mpo_E8", "upcycled E=8": "switch_upcycled",
+                         "central-tensor rules, upcycled (MPO E=8)": "mpo_upcycled"},
+              lr_sweep={"dense": "dense", "switch": "switch_E8", "switch_megamoe": "switch_megamoe_E8", "mpo": "mpo_E8"},
+              lr_grid=LR_GRID, figures=curve)
 
 if __name__ == "__main__":
     from megamoe.errors import cli_main

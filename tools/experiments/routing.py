@@ -1,31 +1,40 @@
-"""Routing study (issue 10): dense, widened dense, Switch top-1/top-2 and hash layers at E=16 and
-E=64, with the Hash Layers paper's ablations at E=64.
+"""Routing study (issue 31, the Hash Layers figure): dense, dense widened to equal total
+parameters, tuned dropless Switch, and balanced / random hash layers at E = 8, 16, 32, 64, 128;
+Switch variants (top-2 dropless, capacity 1.25 at train and eval) at E=16 and 64; the Hash Layers
+paper's ablations at E=64; and a larger scale at E=16 and 64.
 
-    python tools/experiments/routing.py            # full study, resumable (results/experiments/routing/)
-    python tools/experiments/routing.py --quick    # toy size, whole study in minutes (the test suite runs it)
-    python tools/experiments/routing.py --list     # the arms and their overrides
+    python tools/experiments/routing.py                # full study, resumable (results/experiments/routing/)
+    python tools/experiments/routing.py --report-only  # the tables and plots from the cache; stale results marked
+    python tools/experiments/routing.py --rerun-stale  # retrain results made by other code or config
+    python tools/experiments/routing.py --quick        # toy size (the test suite runs a subset of the arms)
+    python tools/experiments/routing.py --list         # the arms and their overrides
 
 Model (full size): a 4-block decoder, D=128, 4 heads, SwiGLU F=256 (each expert as wide as the
 dense FFN), V=8000 (the demo tokenizer), sequence 128; blocks 1 and 3 are sparse in every MoE arm.
-Budget: 200 steps of 16 sequences (409,600 tokens) per (arm, seed), 3 seeds, valid loss over 16
-batches at the end. Sized so that both studies fit in about 3 hours of 2 CPU cores, run as two
-single-threaded processes: an E=64 step costs ~1 s on one core (64 small expert GEMMs per layer
-dominate, whatever F), ``dense_wide_E64`` ~4 s (a 16,384-wide FFN), a dense step ~0.4 s.
+Budget: 200 steps of 16 sequences (409,600 tokens) per (arm, seed); valid loss over 16 batches
+(LR selection), test loss over 48 (~ the whole 2 % test split; every comparison). Seeds: 5 for
+the headline groups (dense, E=16, E=64), 3 elsewhere. Larger scale ("L"): D=256, 8 heads,
+F=512, 400 steps (2x width, 2x tokens), 3 seeds, at the LRs swept at the small scale (no budget
+for a sweep of its own: a limitation). Single-thread step costs measured in the 2026-12 runs:
+~0.6-1.1 s for dense, Switch and hash at any E (fixed costs dominate), 2 s / 3.9 s for the
+16x / 64x widened dense (so ~5.5 s at 128x); about 13 CPU-hours in all (docs/studies.md).
 
 Arms and why:
 - ``dense``: the same decoder without experts (active-parameter baseline, also the source of the
   embeddings that the clustered/dispersed tables cluster).
 - ``dense_wide_E{E}``: the sparse blocks' FFN widened to E x F, so total parameters equal the MoE
   arm's (the parameter-matched dense upper bound; E x the active FLOPs of those blocks).
-- ``switch_top1_prob``: Switch top-1 whose combine weight is the router probability (~1/E at init,
-  which can hold a small Switch back); ``switch_top1_st``: the straight-through weight
-  p / p.detach() of value 1 (RUCAIBox/MPO SwitchFFN, megamoe's default); ``switch_top2``: top-2
-  renormalised over the two chosen (Mixtral).
-  Dropped-token fractions are in the table so a weak Switch is explained, not assumed.
+- ``switch_top1_E{E}``: the tuned baseline: Switch top-1, dropless (no capacity at train or
+  eval), aux loss 0.01, z-loss 0.001, straight-through combine weight p / p.detach() of value 1
+  (megamoe's default, RUCAIBox/MPO's SwitchFFN). ``switch_top2_E{E}``: top-2 dropless,
+  renormalised (Mixtral). ``switch_cap1.25_E{E}``: top-1 at capacity 1.25 in training AND
+  evaluation (the 2026-12-02 study trained at 1.25 and evaluated at 2.0).
 - ``hash_balanced`` / ``hash_random``: the paper's two best hashes of the current token.
 - E=64 ablations: position (our control: expect it near dense), previous-token, bigram,
   clustered and dispersed (k-means of the seed's ``dense`` embeddings), MultiHash N=4 (random and
-  balanced), and oracle-future (routes by the label: analysis only, not a method).
+  balanced), and oracle-future (routes by the label: analysis only, not a method; no verdict).
+- LR: each family (dense, dense_wide, switch, hash) takes the best of 1e-3 / 3e-3 / 9e-3 on valid
+  at one seed of its own, swept at E=16.
 
 The paper's figures (pushshift.io Reddit, ParlAI): Switch vs Hash validation perplexity 24.00 /
 24.00 at 16 experts and 23.65 / 23.16 at 64 (hash ties at 16, wins by ~2 % at 64).
@@ -55,8 +64,15 @@ QUICK = ["model.hidden_size=32", "model.num_heads=2", "model.ffn_hidden_size=64"
          "model.max_position_embeddings=32", "train.micro_batch_size=4", "train.global_batch_size=4",
          "train.train_steps=6", "train.warmup_steps=1", "train.eval_iters=2"]
 
-SWITCH = ["moe.router.top_k=1", "moe.router.capacity_factor=1.25", "moe.router.aux_loss_coef=0.01",
-          "moe.router.z_loss_coef=0.001"]
+LADDER, HEADLINE = (8, 16, 32, 64, 128), (16, 64)
+LR_GRID = (1e-3, 3e-3, 9e-3)
+SHORT = 3  # seeds outside the headline groups
+LARGE = ["model.hidden_size=256", "model.num_heads=8", "model.ffn_hidden_size=512", "train.train_steps=400",
+         "train.warmup_steps=40"]
+
+# dropless Switch (no capacity in training or evaluation), megamoe's default combine weight
+SWITCH = ["moe.router.top_k=1", "moe.router.capacity_factor=0", "moe.router.eval_capacity_factor=0",
+          "moe.router.aux_loss_coef=0.01", "moe.router.z_loss_coef=0.001", "moe.router.combine=straight_through"]
 
 
 def _moe(E: int, hashed: bool) -> list[str]:
@@ -92,35 +108,92 @@ def _dense_embeddings(arm, seed, run_dir, overrides) -> list[str]:
 
 
 def arms() -> list[Arm]:
-    out = [Arm("dense", [], group="dense")]
-    for E in (16, 64):
-        g = f"E={E}"
+    out = [Arm("dense", [], group="dense", family="dense")]
+    for E in LADDER:
+        g, n = f"E={E}", (0 if E in HEADLINE else SHORT)
         out += [
-            Arm(f"dense_wide_E{E}", _wide(E), group=g, note=f"blocks 1,3: one FFN of width {E}x{F}"),
-            Arm(f"switch_top1_prob_E{E}", _moe(E, False) + SWITCH + ["moe.router.combine=prob"], group=g),
-            Arm(f"switch_top1_st_E{E}", _moe(E, False) + SWITCH + ["moe.router.combine=straight_through"], group=g),
-            Arm(f"switch_top2_E{E}", _moe(E, False) + SWITCH[1:] + ["moe.router.top_k=2", "moe.router.combine=renormalize"], group=g),
-            Arm(f"hash_balanced_E{E}", _hash(E, "balanced"), group=g),
-            Arm(f"hash_random_E{E}", _hash(E, "random"), group=g),
+            Arm(f"dense_wide_E{E}", _wide(E), group=g, note=f"blocks 1,3: one FFN of width {E}x{F}",
+                family="dense_wide", seeds=n),
+            Arm(f"switch_top1_E{E}", _moe(E, False) + SWITCH, group=g, family="switch", seeds=n, note="dropless"),
         ]
+        if E in HEADLINE:
+            out += [
+                Arm(f"switch_top2_E{E}", _moe(E, False) + SWITCH + ["moe.router.top_k=2", "moe.router.combine=renormalize"],
+                    group=g, family="switch", note="dropless"),
+                Arm(f"switch_cap1.25_E{E}", _moe(E, False) + SWITCH + ["moe.router.capacity_factor=1.25",
+                                                                       "moe.router.eval_capacity_factor=1.25"],
+                    group=g, family="switch", note="capacity 1.25 in training and eval"),
+            ]
+        out += [Arm(f"hash_balanced_E{E}", _hash(E, "balanced"), group=g, family="hash", seeds=n),
+                Arm(f"hash_random_E{E}", _hash(E, "random"), group=g, family="hash", seeds=n)]
     g = "E=64 ablations"
+    abl = dict(group=g, family="hash", seeds=SHORT)
     out += [
-        Arm("hash_position_E64", _hash(64, "position"), group=g, note="control"),
-        Arm("hash_previous_E64", _hash(64, "previous"), group=g),
-        Arm("hash_bigram_E64", _hash(64, "bigram"), group=g),
-        Arm("hash_clustered_E64", _hash(64, "clustered"), group=g, prepare=_dense_embeddings),
-        Arm("hash_dispersed_E64", _hash(64, "dispersed"), group=g, prepare=_dense_embeddings),
-        Arm("multihash4_random_E64", _hash(64, "random", "moe.hash.num_hashes=4"), group=g),
-        Arm("multihash4_balanced_E64", _hash(64, "balanced", "moe.hash.num_hashes=4"), group=g),
-        Arm("hash_oracle_future_E64", _hash(64, "oracle_future", "moe.hash.allow_oracle=true"), group=g,
-            note="analysis only: routes by the label"),
+        Arm("hash_position_E64", _hash(64, "position"), note="control", **abl),
+        Arm("hash_previous_E64", _hash(64, "previous"), **abl),
+        Arm("hash_bigram_E64", _hash(64, "bigram"), **abl),
+        Arm("hash_clustered_E64", _hash(64, "clustered"), prepare=_dense_embeddings, **abl),
+        Arm("hash_dispersed_E64", _hash(64, "dispersed"), prepare=_dense_embeddings, **abl),
+        Arm("multihash4_random_E64", _hash(64, "random", "moe.hash.num_hashes=4"), **abl),
+        Arm("multihash4_balanced_E64", _hash(64, "balanced", "moe.hash.num_hashes=4"), **abl),
+        Arm("hash_oracle_future_E64", _hash(64, "oracle_future", "moe.hash.allow_oracle=true"), group="oracle",
+            family="hash", seeds=SHORT, note="analysis only: routes by the label"),
     ]
+    out.append(Arm("dense_L", LARGE, group="L: dense", family="dense", seeds=SHORT, note="2x width, 2x tokens"))
+    for E in HEADLINE:
+        g = f"L: E={E}"
+        out += [Arm(f"switch_top1_L_E{E}", LARGE + _moe(E, False) + SWITCH, group=g, family="switch", seeds=SHORT),
+                Arm(f"hash_balanced_L_E{E}", LARGE + _hash(E, "balanced"), group=g, family="hash", seeds=SHORT)]
     return out
 
 
-STUDY = Study(name="routing", base_overrides=BASE, quick_overrides=QUICK, arms=arms(), reference={"E=16": "switch_top1_st_E16", "E=64": "switch_top1_st_E64",
-                                                           "E=64 ablations": "hash_balanced_E64"},
-              describe=__doc__.split("\n\n")[0])
+def ladder(study, rows: list[dict], out) -> str:
+    """The Hash Layers figure: test perplexity against E for each method (95 % intervals), as
+    ``e_ladder.png`` and a table (E across, methods down)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import atomic_path
+
+    by = {r["arm"]: r for r in rows}
+    methods = {"dense_wide": "dense widened (equal total params)", "switch_top1": "Switch top-1, dropless",
+               "hash_balanced": "hash, balanced", "hash_random": "hash, random"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    table = ["", "## Test perplexity against the number of experts", "",
+             "| method | " + " | ".join(f"E={E}" for E in LADDER) + " |", "|---|" + "---|" * len(LADDER)]
+    for key, label in methods.items():
+        pts = [(E, by[f"{key}_E{E}"]) for E in LADDER if "test_ppl" in by.get(f"{key}_E{E}", {})]
+        if pts:
+            lo = [r["test_ppl"] - math.exp(r["test_lm_loss_lo"]) if math.isfinite(r["test_lm_loss_lo"]) else 0 for _, r in pts]
+            hi = [math.exp(r["test_lm_loss_hi"]) - r["test_ppl"] if math.isfinite(r["test_lm_loss_hi"]) else 0 for _, r in pts]
+            ax.errorbar([E for E, _ in pts], [r["test_ppl"] for _, r in pts], yerr=[lo, hi], label=label, marker="o",
+                        capsize=3)
+        cells = {E: f"{r['test_ppl']:.1f}" for E, r in pts}
+        table.append(f"| {label} | " + " | ".join(cells.get(E, "") for E in LADDER) + " |")
+    if "test_ppl" in by.get("dense", {}):
+        ax.axhline(by["dense"]["test_ppl"], color="k", ls="--", lw=1, label="dense")
+        table.append(f"| dense (no experts) | {by['dense']['test_ppl']:.1f} (every E) |" + " |" * (len(LADDER) - 1))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("experts E (blocks 1 and 3)")
+    ax.set_ylabel("test perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    with atomic_path(out / "e_ladder.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return "\n".join(table + ["", "![test perplexity against E](e_ladder.png)", ""])
+
+
+STUDY = Study(name="routing", base_overrides=BASE, quick_overrides=QUICK, arms=arms(),
+              reference={**{f"E={E}": f"switch_top1_E{E}" for E in LADDER}, "E=64 ablations": "hash_balanced_E64",
+                         **{f"L: E={E}": f"switch_top1_L_E{E}" for E in HEADLINE}},
+              lr_sweep={"dense": "dense", "dense_wide": "dense_wide_E16", "switch": "switch_top1_E16",
+                        "hash": "hash_balanced_E16"},
+              lr_grid=LR_GRID, figures=ladder, describe=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
     from megamoe.errors import cli_main

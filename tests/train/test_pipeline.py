@@ -130,3 +130,33 @@ def _hash_routing_body(rank, world, config, variant):
 @pytest.mark.parametrize("variant", ["random", "bigram", "position"])
 def test_hash_layer_on_last_stage_routes_as_at_pp1(pp_config, variant):
     run_distributed(_hash_routing_body, world_size=2, args=(pp_config, variant))
+
+
+def test_consolidation_and_export_equal_across_pipeline_sizes(pp_config, tmp_path):
+    """zero_to_fp32.py and the HF export of a PP=2 checkpoint are bit-equal to those of a PP=1
+    checkpoint of the same weights. Same weights: both runs start from the seed and take one
+    step at lr 1e-30, below every weight's fp32 resolution (AdamW's first step moves a weight
+    by about lr), so the saved masters are the initial ones on both."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.train.helpers import ROOT
+
+    same_weights = ["train.train_steps=1", "train.lr=1e-30", "train.min_lr=0", "train.warmup_steps=0",
+                    "model.tie_embeddings=true"]
+    files = {}
+    for pp in (1, 2):
+        d = _run(pp_config, tmp_path / f"pp{pp}", pp, *same_weights, f"parallel.pipeline_parallel={pp}")
+        for cmd in (["tools/zero_to_fp32.py", str(d / "ckpt"), str(d / "fp32.safetensors")],
+                    ["tools/convert_to_hf.py", "--checkpoint", str(d / "ckpt"), "--output", str(d / "hf")]):
+            r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]
+        files[pp] = [load_file(d / "fp32.safetensors"), load_file(d / "hf" / "model.safetensors")]
+    for one, two in zip(files[1], files[2]):
+        assert sorted(one) == sorted(two)
+        assert [k for k in one if not (one[k].dtype == two[k].dtype and torch.equal(one[k], two[k]))] == []
+    assert "layers.3.moe.router.table" in files[2][0]  # the last stage's hash table is in it
+

@@ -156,6 +156,8 @@ def fingerprint(overrides: list[str]) -> dict:
     from megamoe.provenance import commit
 
     files = loaded_code()
+    if not any(f.startswith("megamoe" + os.sep) for f in files):  # an installed copy ran, not this tree's
+        raise RuntimeError(f"megamoe was not imported from {ROOT}: the result could not be tied to its code")
     return {"commit": commit(), "code_files": files, "code_sha": code_sha(files), "config_sha": config_sha(overrides)}
 
 

@@ -464,9 +464,35 @@ def _plot_groups(study: Study, groups: list[str], curves_of, ylabel: str, png: P
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    _save_png(fig, png)
+
+
+def _save_png(fig, png: Path) -> None:
+    import matplotlib.pyplot as plt
+
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_test_ppl(png: Path, xlabel: str, draw, dense_ppl: float | None = None, log_base: int = 10) -> None:
+    """Test perplexity against a log-scaled x: ``draw(ax)`` plots the methods; a dashed line
+    marks the dense model (the studies' figures: routing's E-ladder, mpoe's parameter curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    if dense_ppl is not None:
+        ax.axhline(dense_ppl, color="k", ls="--", lw=1, label="dense")
+    ax.set_xscale("log", base=log_base)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save_png(fig, png)
 
 
 def plot_curves(study: Study, records: list[dict], png: Path) -> None:

@@ -143,36 +143,23 @@ def curve(study, rows: list[dict], out) -> str:
     dense (a line); and the parameter ratio of each MPO arm to the Switch at its E with the verdict."""
     import math
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common import atomic_path
+    from common import plot_test_ppl
 
     by = {r["arm"]: r for r in rows if "test_ppl" in r}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sw = sorted((r for a, r in by.items() if a.startswith("switch_E")), key=lambda r: r["params_total"])
-    ax.plot([r["params_total"] / 1e6 for r in sw], [r["test_ppl"] for r in sw], marker="o", label="Switch (official router)")
-    for r in sw:
-        ax.annotate(r["arm"].removeprefix("switch_"), (r["params_total"] / 1e6, r["test_ppl"]), fontsize=6)
-    for kind, marker in (("mpo_E", "s"), ("mpo_b8_", "^"), ("mpo_b4_", "v"), ("mpo5_", "D")):
-        pts = [r for a, r in by.items() if a.startswith(kind)]
-        if pts:
-            ax.scatter([r["params_total"] / 1e6 for r in pts], [r["test_ppl"] for r in pts], marker=marker,
-                       label=kind.rstrip("_E").rstrip("_").replace("mpo", "MPO"))
+
+    def draw(ax):
+        sw = sorted((r for a, r in by.items() if a.startswith("switch_E")), key=lambda r: r["params_total"])
+        ax.plot([r["params_total"] / 1e6 for r in sw], [r["test_ppl"] for r in sw], marker="o",
+                label="Switch (official router)")
+        for kind, marker in (("switch_E", None), ("mpo_E", "s"), ("mpo_b8_", "^"), ("mpo_b4_", "v"), ("mpo5_", "D")):
+            pts = [r for a, r in by.items() if a.startswith(kind)]
+            if marker and pts:
+                ax.scatter([r["params_total"] / 1e6 for r in pts], [r["test_ppl"] for r in pts], marker=marker,
+                           label=kind.rstrip("_E").rstrip("_").replace("mpo", "MPO"))
             for r in pts:
                 ax.annotate(r["arm"].rsplit("_", 1)[-1], (r["params_total"] / 1e6, r["test_ppl"]), fontsize=6)
-    if "dense" in by:
-        ax.axhline(by["dense"]["test_ppl"], color="k", ls="--", lw=1, label="dense")
-    ax.set_xscale("log")
-    ax.set_xlabel("total parameters (M)")
-    ax.set_ylabel("test perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    with atomic_path(out / "mpo_curve.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+
+    plot_test_ppl(out / "mpo_curve.png", "total parameters (M)", draw, by.get("dense", {}).get("test_ppl"))
     lines = ["", "## MPO experts against the Switch at the same E", "",
              "Parameter ratio: the Switch's total (and expert) parameters over the MPO arm's. The claim "
              "holds at a point only where the verdict is tie or better.", "",

@@ -152,39 +152,29 @@ def ladder(study, rows: list[dict], out) -> str:
     ``e_ladder.png`` and a table (E across, methods down)."""
     import math
 
-    import matplotlib
+    from common import plot_test_ppl
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common import atomic_path
-
-    by = {r["arm"]: r for r in rows}
+    by = {r["arm"]: r for r in rows if "test_ppl" in r}
     methods = {"dense_wide": "dense widened (equal total params)", "switch_top1": "Switch top-1, dropless",
                "hash_balanced": "hash, balanced", "hash_random": "hash, random"}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = {label: [(E, by[f"{key}_E{E}"]) for E in LADDER if f"{key}_E{E}" in by] for key, label in methods.items()}
+    err = lambda r, side: abs(math.exp(r[side]) - r["test_ppl"]) if math.isfinite(r[side]) else 0.0  # noqa: E731
+
+    def draw(ax):
+        for label, p in pts.items():
+            if p:
+                ax.errorbar([E for E, _ in p], [r["test_ppl"] for _, r in p], marker="o", capsize=3, label=label,
+                            yerr=[[err(r, "test_lm_loss_lo") for _, r in p], [err(r, "test_lm_loss_hi") for _, r in p]])
+
+    dense = by.get("dense", {}).get("test_ppl")
+    plot_test_ppl(out / "e_ladder.png", "experts E (blocks 1 and 3)", draw, dense, log_base=2)
     table = ["", "## Test perplexity against the number of experts", "",
              "| method | " + " | ".join(f"E={E}" for E in LADDER) + " |", "|---|" + "---|" * len(LADDER)]
-    for key, label in methods.items():
-        pts = [(E, by[f"{key}_E{E}"]) for E in LADDER if "test_ppl" in by.get(f"{key}_E{E}", {})]
-        if pts:
-            lo = [r["test_ppl"] - math.exp(r["test_lm_loss_lo"]) if math.isfinite(r["test_lm_loss_lo"]) else 0 for _, r in pts]
-            hi = [math.exp(r["test_lm_loss_hi"]) - r["test_ppl"] if math.isfinite(r["test_lm_loss_hi"]) else 0 for _, r in pts]
-            ax.errorbar([E for E, _ in pts], [r["test_ppl"] for _, r in pts], yerr=[lo, hi], label=label, marker="o",
-                        capsize=3)
-        cells = {E: f"{r['test_ppl']:.1f}" for E, r in pts}
+    for label, p in pts.items():
+        cells = {E: f"{r['test_ppl']:.1f}" for E, r in p}
         table.append(f"| {label} | " + " | ".join(cells.get(E, "") for E in LADDER) + " |")
-    if "test_ppl" in by.get("dense", {}):
-        ax.axhline(by["dense"]["test_ppl"], color="k", ls="--", lw=1, label="dense")
-        table.append(f"| dense (no experts) | {by['dense']['test_ppl']:.1f} (every E) |" + " |" * (len(LADDER) - 1))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("experts E (blocks 1 and 3)")
-    ax.set_ylabel("test perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    with atomic_path(out / "e_ladder.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    if dense is not None:
+        table.append(f"| dense (no experts) | {dense:.1f} (every E) |" + " |" * (len(LADDER) - 1))
     return "\n".join(table + ["", "![test perplexity against E](e_ladder.png)", ""])
 
 

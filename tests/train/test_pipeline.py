@@ -1,7 +1,8 @@
 """Pipeline parallelism (megamoe/train/pipeline.py) against one process, on 2 gloo ranks.
 
 The model is issue 27's: a hash-MoE block, a learned top-2 layer with a shared expert and expert
-bias, MPO experts everywhere and a hash layer on the last stage (block 0 dense). Every layout
+bias, MPO experts everywhere (their central tensors sitting out half the steps: grad_mask=skip,
+which snapshots them around ``engine.step()``) and a hash layer on the last stage (block 0 dense). Every layout
 starts from the seed alone (each model piece draws its init from its own seed), so equal losses
 also say that the stages built the PP=1 weights.
 
@@ -19,7 +20,8 @@ from tests.distributed import run_distributed
 from tests.train.helpers import launch, read_metrics, tiny_config, write_config
 
 MODEL = ["model.num_layers=4", "moe.layers=[1,2]", "moe.hash_layers=[3]", "moe.hash_moe.layers=1",
-         "moe.router.top_k=2", "moe.shared_experts=1", "moe.router.expert_bias_rate=0.001", "train.zero_stage=1"]
+         "moe.router.top_k=2", "moe.shared_experts=1", "moe.router.expert_bias_rate=0.001", "moe.mpo.grad_mask=skip",
+         "train.zero_stage=1"]
 KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm")
 
 
@@ -37,9 +39,9 @@ def pp_config(tiny_data, tmp_path_factory):
     return write_config(tiny_config(*tiny_data, d / "run"), d / "tiny.yaml")
 
 
-def _run(config, d, nproc, *over):
+def _run(config, d, nproc, *over, launcher="torchrun"):
     rc, log = launch(config, nproc, [*MODEL, f"train.save_dir={d}/ckpt", f"train.log_dir={d}/logs", *over],
-                     launcher="torchrun" if nproc > 1 else "python")
+                     launcher=launcher if nproc > 1 else "python")
     assert rc == 0, log[-4000:]
     return d
 
@@ -59,15 +61,29 @@ def _close(ref, got, steps=10):
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
 def test_pp2_matches_one_process(pp_config, one_process, tmp_path, schedule):
     """10 steps at PP=2 (Schedule1F1B, or ScheduleInterleaved1F1B with 2 chunks per stage) give
-    the losses, balance losses and grad norms of one process; the validation too."""
+    the losses, balance losses and grad norms of one process; the validation too. Launched with
+    torchrun (1F1B) and with deepspeed (interleaved)."""
     over = ["parallel.pipeline_parallel=2"] + (["parallel.virtual_stages=2"] if schedule == "interleaved" else [])
-    got = _run(pp_config, tmp_path / schedule, 2, *over)
+    got = _run(pp_config, tmp_path / schedule, 2, *over, launcher="deepspeed" if schedule == "interleaved" else "torchrun")
     _close(_train(one_process), _train(got))
     ref_v, got_v = _valid(one_process)[-1], _valid(got)[-1]
     assert math.isclose(ref_v["lm_loss"], got_v["lm_loss"], rel_tol=1e-5) and ref_v["tokens"] == got_v["tokens"]
     assert _train(one_process)[-1]["aux_loss"] > 0  # the learned top-2 layer's balance loss travels
     # each stage logs the MoE layers it holds; rank 0 writes them all
     assert {"moe/layer1/max_load", "moe/layer2/max_load", "moe/layer3/max_load"} <= set(_train(got)[-1])
+
+
+@pytest.mark.slow  # 4 ranks on 2 cores: ~25 s each
+@pytest.mark.parametrize("name,over", [
+    ("pp2xdp2", ["parallel.pipeline_parallel=2"]),
+    ("pp2xep2", ["parallel.pipeline_parallel=2", "parallel.expert_parallel=2"]),
+    ("pp2xtp2", ["parallel.pipeline_parallel=2", "parallel.tensor_parallel=2"]),
+    ("pp2xtp2_sp", ["parallel.pipeline_parallel=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
+])
+def test_pp2_combined_layouts_match_one_process(pp_config, one_process, tmp_path, name, over):
+    """PP=2 with DP=2 at ZeRO-1, with EP=2 inside each stage, with TP=2 (and sequence
+    parallelism): the same 10 steps as one process, within the same tolerance."""
+    _close(_train(one_process), _train(_run(pp_config, tmp_path / name, 4, *over)))
 
 
 TIED_12 = ["train.train_steps=12", "model.tie_embeddings=true"]

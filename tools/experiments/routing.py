@@ -11,8 +11,8 @@ paper's ablations at E=64; and a larger scale at E=16 and 64.
 
 Model (full size): a 4-block decoder, D=128, 4 heads, SwiGLU F=256 (each expert as wide as the
 dense FFN), V=8000 (the demo tokenizer), sequence 128; blocks 1 and 3 are sparse in every MoE arm.
-Budget: 200 steps of 16 sequences (409,600 tokens) per (arm, seed); valid loss over 16 batches
-(LR selection), test loss over 48 (~ the whole 2 % test split; every comparison). Seeds: 5 for
+Budget: 200 steps of 16 sequences (409,600 tokens) per (arm, seed); valid loss over 32 batches
+(LR selection), test loss over 32 (512 of the 5 % test split's 547 sequences; every comparison). Seeds: 5 for
 the headline groups (dense, E=16, E=64), 3 elsewhere. Larger scale ("L"): D=256, 8 heads,
 F=512, 400 steps (2x width, 2x tokens), 3 seeds, at the LRs swept at the small scale (no budget
 for a sweep of its own: a limitation). Single-thread step costs measured in the 2026-12 runs:
@@ -58,7 +58,7 @@ BASE = [
     "train.micro_batch_size=16", "train.global_batch_size=16", "train.train_steps=200",
     "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup_steps=20", "train.lr_decay=cosine",
     "train.weight_decay=0.1", "train.precision=fp32", "train.zero_stage=1",
-    "train.eval_interval=0", "train.eval_iters=16", "train.log_interval=1",
+    "train.eval_interval=0", "train.eval_iters=32", "train.log_interval=1",
 ]
 QUICK = ["model.hidden_size=32", "model.num_heads=2", "model.ffn_hidden_size=64", "data.seq_length=32",
          "model.max_position_embeddings=32", "train.micro_batch_size=4", "train.global_batch_size=4",

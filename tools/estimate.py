@@ -10,7 +10,7 @@ Prints (and with ``--json`` writes) for the config at a layout:
 - memory per rank in bytes: weights, gradients, optimizer states (AdamW m, v and DeepSpeed's fp32
   partition copy), by ZeRO stage, TP and EP; activations by micro-batch and sequence length;
 - FLOPs per token and per step; all-to-all bytes per step and rank for expert parallelism;
-- with pipeline parallelism (``parallel.pipeline_parallel`` P > 1; planned, issue 27): the same
+- with pipeline parallelism (``parallel.pipeline_parallel`` P > 1): the same
   for every stage, from the blocks megamoe/model/pipeline_layout.py puts on it (embedding on
   the first, final norm + head + logits on the last, a tied head as a second copy of the
   embedding there), activations times the micro-batches in flight at the stage's peak (1F1B:

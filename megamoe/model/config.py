@@ -372,7 +372,7 @@ class ParallelConfig:
     """Layout: world = tensor_parallel x pipeline_parallel x data_parallel; expert_parallel
     divides data_parallel (experts are sharded over EP ranks taken from the data-parallel ranks,
     as in DeepSpeed-MoE and Megatron-core); expert params are replicated over DP / EP ranks.
-    Pipeline stages: megamoe/model/pipeline_layout.py (issue 27: planned, estimator only)."""
+    Pipeline stages: megamoe/model/pipeline_layout.py (the split), megamoe/train/pipeline.py (the schedules)."""
 
     tensor_parallel: int = 1
     """Tensor-parallel size TP (megatron-core layers; keep it inside a node)."""
@@ -383,7 +383,7 @@ class ParallelConfig:
     """Split the residual stream and norms over the TP ranks along the sequence (needs TP > 1)."""
     pipeline_parallel: int = 1
     """Pipeline stages PP: blocks split over PP ranks in order, embedding on the first, head and
-    loss on the last. Planned (issue 27): training refuses PP > 1; tools/estimate.py plans it."""
+    loss on the last; 1F1B (interleaved with virtual_stages > 1), ZeRO-0/1, bf16 or fp32."""
     virtual_stages: int = 1
     """Chunks per stage for interleaved 1F1B (stage s holds chunks s, s+PP, ...); 1 = plain 1F1B."""
     pipeline_layout: list[int] | None = None

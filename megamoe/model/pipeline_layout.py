@@ -68,25 +68,10 @@ path; PP=2 x DP=2 within 2.2e-7. Why this route:
   ``mpu is None`` and builds its own grid), its canonical parameter names and its universal
   checkpoint: a stage saves the canonical names of its blocks, so resharding across P is by
   name, as across TP and EP today.
-Its gaps (the next session's work):
-1. Not yet on megamoe's model. On the toy, an all-to-all over the stage's DP ranks in every
-   block, forward and backward, kept its order across peers with micro-batches in flight (PP=2
-   x DP=2, both schedules): peers of a stage run the same schedule, so an EP group inside a
-   stage issues its collectives in the same order. Still to move: expert-bias counts, the MPO
-   grad mask and the non-finite guard, which today hook into each micro-batch's
-   ``engine.backward``/``engine.step``, go to the schedule's ``loss_fn`` and after
-   ``sched.step()``.
-2. Static metadata: give ``input_args``/``output_args`` (else its shape inference runs the
-   stage on placeholders, and an id-indexed embedding on stage 2 crashed).
-3. Tied embeddings: torch has no facility; verified on the toy: all-reduce the tied copies'
-   gradients over the first and last stage (megatron-core's ``get_embedding_group`` ranks)
-   before ``engine.step()``, and mark the later copy ``ds_pipe_replicated`` so ZeRO's norm
-   counts the weight once (unmarked, the norm was 8.81 instead of 8.55).
-4. Groups: megatron-core ``initialize_model_parallel(pipeline_model_parallel_size=P)``;
-   ``MegatronMPU`` must report TP x PP as the model-parallel group (rank = TP rank), and
-   ``setup_expert_groups`` must pass P to DeepSpeed's ``_get_expert_parallel_ranks`` (it passes
-   1: expert-DP would span stages).
-5. ZeRO-2 fails in its step (``KeyError: 0``): it reduces in hooks of engine-driven backwards.
+Built on megamoe's model in megamoe/train/pipeline.py (stage modules, what travels between
+stages, tied embeddings, expert-bias counts, the grad mask's boundary, evaluation) and
+megamoe/parallel.py (megatron-core's groups with the pipeline size; the mpu reports TP x PP as
+model parallel and DeepSpeed's expert groups are built with P); tests/train/test_pipeline.py.
 The fallback, DeepSpeed's PipelineEngine, is verified for 1F1B with ZeRO-0/1, tied weights
 (``TiedLayerSpec``), MoE under ZeRO-1 with EP groups inside a stage, and its own per-stage
 checkpoint files; its gaps: no interleaved schedule, ``train_batch()`` only (megamoe's per

@@ -541,7 +541,8 @@ def main(study: Study, argv=None) -> int:
 
     p = argparse.ArgumentParser(description=study.describe)
     p.add_argument("--quick", action="store_true", help="toy size, the whole study in a few minutes (tests)")
-    p.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {study.seeds}; --quick: 2)")
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {study.seeds}; --quick: 2); an arm with fewer seeds of its "
+                   "own (outside the headline groups) keeps them")
     p.add_argument("--only", default="", help="comma-separated arm names to run (default: all)")
     p.add_argument("--out", default=None, help=f"result dir (default results/experiments/{study.name}"
                                                "[-quick])")

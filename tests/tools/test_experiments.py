@@ -135,12 +135,18 @@ def test_a_result_made_by_other_code_or_config_is_stale_and_rerun_on_request(tmp
     rows = {r["arm"]: r for r in common.summarise(study, common.load_records(out), out)}
     assert rows["a"]["stale_seeds"] == [] and rows["b"]["stale_seeds"] == []
 
+    common._code.cache_clear()
+    code.write_text('"""The router, documented."""\n\nSCALE = 1.0  # a comment\n')  # not code: still current
+    assert common.summarise(study, common.load_records(out), out)[0]["stale_seeds"] == []
+    common._code.cache_clear()
     code.write_text("SCALE = 2.0\n")  # the code those results were made by changed
     arms[1].overrides = ["x=3"]  # and arm b's config
     assert common.stale_reason(common.load_records(out)[0], common.declared(study, arms[0], 0, False, None)) == "code changed"
+    common._code.cache_clear()
     code.write_text("SCALE = 1.0\n")
     assert common.stale_reason(json.loads((out / "b" / "seed0.json").read_text()),
                                common.declared(study, arms[1], 0, False, None)) == "config changed"
+    common._code.cache_clear()
     code.write_text("SCALE = 2.0\n")
     rows = {r["arm"]: r for r in common.summarise(study, common.load_records(out), out)}
     assert rows["a"]["stale_seeds"] == [0, 1] and rows["b"]["stale_seeds"] == [0, 1]

@@ -22,8 +22,10 @@ Design:
   result is stale when either differs from today's (:func:`stale_reason`): tables mark it, and
   ``--rerun-stale`` retrains it; otherwise a finished pair is never rerun. Only loaded files
   count, so the fine-tuning package or a tool no run imports does not invalidate pretraining
-  results. Trap: the hash is of the files on disk when the run ends; editing the code while a
-  study runs records the new code for a run made by the old.
+  results. Docstrings, comments and layout are not hashed (:func:`_code`), so a documentation
+  commit leaves results current. Trap: each file is read once per process, when the first
+  result that loaded it is cached; a module the study imported earlier runs the code of its
+  import, so editing it while a study runs can make the hash newer than the code that ran.
 - Seeds vary both the model init (``train.seed``) and the data order (``data.seed``).
 - Fixed token budget: every arm of a study trains the same number of steps at the same batch
   size and sequence length (an arm's own ``train.train_steps`` says otherwise and why).
@@ -34,7 +36,9 @@ Design:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -128,12 +132,33 @@ def loaded_code() -> list[str]:
 
 
 def code_sha(files: list[str]) -> str:
-    """Hash of the paths and today's contents of ``files`` (a missing file hashes as missing)."""
+    """Hash of the paths and today's code of ``files`` (a missing file hashes as missing)."""
     h = hashlib.sha256()
     for f in files:
-        p = ROOT / f
-        h.update(f.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"<missing>") + b"\0")
+        h.update(f.encode() + b"\0" + _code(ROOT / f) + b"\0")
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _code(path: Path) -> bytes:
+    """The file's syntax tree without docstrings (comments and layout are not in it): editing a
+    docstring, a comment or the line breaks leaves every result current; any other edit, a help
+    string included, makes the results that loaded the file stale. Cached per process (tests
+    that rewrite a file clear it): a --report-only reads each file once, not once per result."""
+    if not path.is_file():
+        return b"<missing>"
+    src = path.read_bytes()
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return src
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 def config_sha(overrides: list[str]) -> str:

@@ -15,7 +15,8 @@ table's "better" means the same thing everywhere:
 - :func:`verdict` / :func:`verdicts`: the only place a verdict word is made. Lower is better
   (a loss): "better" / "worse" only when the Holm-adjusted difference test is significant; "tie"
   only when the Holm-adjusted TOST passes at the stated margin; anything else is
-  "not resolved" — a gap inside noise is not a tie.
+  "not resolved" — a gap inside noise is not a tie. For a higher-is-better metric (accuracy)
+  pass the differences negated (b - a), and negate ``mean``, ``lo`` and ``hi`` back to report.
 
 Traps:
 - The old "within 2 SE is a tie, outside is a win" rule is t = 2 whatever the degrees of freedom:

@@ -203,7 +203,7 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, config_dic
         atomic_write_text(d / CONFIG_FILE, yaml.safe_dump(config_dict, sort_keys=False))
         atomic_write_text(d / "megamoe_meta.json", json.dumps(
             {"format": uni.FORMAT, "step": step, "world": dist.get_world_size(), "dp_size": parallel.dp_size(),
-             "tp_size": parallel.tp_size(), "ep_size": parallel.ep_size(),
+             "tp_size": parallel.tp_size(), "ep_size": parallel.ep_size(), "pp_size": parallel.pp_size(),
              "zero_stage": engine.zero_optimization_stage()}))
         _write_script(save_dir)
         (d / "COMPLETE").write_text(tag + "\n")

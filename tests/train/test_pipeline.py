@@ -176,3 +176,33 @@ def test_consolidation_and_export_equal_across_pipeline_sizes(pp_config, tmp_pat
         assert [k for k in one if not (one[k].dtype == two[k].dtype and torch.equal(one[k], two[k]))] == []
     assert "layers.3.moe.router.table" in files[2][0]  # the last stage's hash table is in it
 
+
+
+def test_pp2_sigkill_in_save_and_damaged_shard(pp_config, twelve_steps, tmp_path):
+    """Killed inside its second save (step 6), a PP=2 run leaves ``latest`` at step 3; a damaged
+    stage shard of that checkpoint is one error line naming the file; repaired, the run resumes
+    at PP=1 and its steps 4-12 equal 12 uninterrupted steps."""
+    import os
+
+    from tests.train.helpers import launch
+
+    d = tmp_path / "x"
+    os.environ["MEGAMOE_CRASH_IN_SAVE"] = "2"
+    try:
+        rc, log = launch(pp_config, 2, [*MODEL, *TIED_12, "parallel.pipeline_parallel=2", "train.save_interval=3",
+                                        f"train.save_dir={d}/ckpt", f"train.log_dir={d}/logs"])
+    finally:
+        os.environ.pop("MEGAMOE_CRASH_IN_SAVE")
+    assert rc != 0 and (d / "ckpt" / "latest").read_text() == "global_step3", log[-2000:]
+    shard = d / "ckpt" / "global_step3" / "shards" / "rank00001.safetensors"  # the last stage's
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    rc, log = launch(pp_config, 1, [*MODEL, *TIED_12, f"train.save_dir={d}/ckpt", f"train.log_dir={d}/logs2",
+                                    "train.load=auto"], launcher="python")
+    errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "rank00001.safetensors" in errors[0] and "Traceback" not in log, log[-2000:]
+    shard.write_bytes(good)
+    rc, log = launch(pp_config, 1, [*MODEL, *TIED_12, f"train.save_dir={d}/ckpt", f"train.log_dir={d}/logs3",
+                                    "train.load=auto"], launcher="python")
+    assert rc == 0, log[-3000:]
+    _close(twelve_steps[3:], [r for r in read_metrics(d / "logs3") if r["split"] == "train" and r["step"] > 3], steps=9)

@@ -51,8 +51,8 @@ def test_quick_study_end_to_end_and_resumable(script, tmp_path):
     study = importlib.import_module(script.removesuffix(".py")).STUDY
     rows = {r["arm"]: r for r in summary["rows"]}
     assert set(rows) == set(only.split(","))
-    assert summary["lr_sweep"] and all(sw["chosen"] in study.lr_grid for sw in summary["lr_sweep"].values()
-                                       if sw["lr"])
+    assert summary["lr_sweep"] and all(sw["chosen"] in study.lr_grid and sw["stale"] == []
+                                       for sw in summary["lr_sweep"].values() if sw["lr"])
     for r in rows.values():
         assert r["seeds"] == 2 and r["test_lm_loss_lo"] <= r["test_lm_loss"] <= r["test_lm_loss_hi"]
         assert r["test_ppl"] > 1 and r["stale_seeds"] == [] and r["params_active"] <= r["params_total"]

@@ -456,12 +456,12 @@ def markdown(study: Study, rows: list[dict], prov: dict, quick: bool, sweeps: di
               "(the LR sweep's not included)."]
     if sweeps:
         lines += ["", f"LR sweep (seed {SWEEP_SEED}, valid loss; the lowest is each family's LR):", "",
-                  "| family | swept on | " + " | ".join(f"lr {lr:g}" for lr in study.lr_grid) + " | chosen |",
-                  "|" + "---|" * (3 + len(study.lr_grid))]
+                  "| family | swept on | " + " | ".join(f"lr {lr:g}" for lr in study.lr_grid) + " | chosen | code |",
+                  "|" + "---|" * (4 + len(study.lr_grid))]
         for fam, sw in sweeps.items():
             edge = " (grid edge: widen the grid)" if sw["chosen"] in (min(study.lr_grid), max(study.lr_grid)) else ""
             lines.append(f"| {fam} | {sw['arm']} | " + " | ".join(_f(sw["lr"].get(lr), ".4f") for lr in study.lr_grid)
-                         + f" | {_f(sw['chosen'], 'g')}{edge} |")
+                         + f" | {_f(sw['chosen'], 'g')}{edge} | {'stale ' + str(len(sw['stale'])) if sw['stale'] else 'current'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -543,8 +543,13 @@ def report(study: Study, out: Path, command: str, quick: bool) -> list[dict]:
 
     records = load_records(out)
     rows = summarise(study, records, out)
-    sweeps = {fam: {"arm": arm, "lr": {lr: r["valid_lm_loss"] for lr, r in sweep_records(study, out, fam).items()},
-                    "chosen": chosen_lr(study, out, fam)} for fam, arm in study.lr_sweep.items()}
+    sweeps = {}
+    for fam, arm in study.lr_sweep.items():
+        recs = sweep_records(study, out, fam)
+        sweeps[fam] = {"arm": arm, "lr": {lr: r["valid_lm_loss"] for lr, r in recs.items()},
+                       "chosen": chosen_lr(study, out, fam),
+                       "stale": [lr for lr, r in recs.items() if stale_reason(r, declared(
+                           study, _sweep_arm(study, fam), SWEEP_SEED, r.get("quick", False), lr))]}
     prov = provenance(command)
     atomic_write_text(out / "summary.json", json.dumps(
         {"study": study.name, **prov, "quick": quick, "margin": study.margin, "lr_sweep": sweeps, "rows": rows},

@@ -383,7 +383,7 @@ class ParallelConfig:
     """Split the residual stream and norms over the TP ranks along the sequence (needs TP > 1)."""
     pipeline_parallel: int = 1
     """Pipeline stages PP: blocks split over PP ranks in order, embedding on the first, head and
-    loss on the last; 1F1B (interleaved with virtual_stages > 1), ZeRO-0/1, bf16 or fp32."""
+    loss on the last; 1F1B (interleaved with virtual_stages > 1), ZeRO-1, bf16 or fp32."""
     virtual_stages: int = 1
     """Chunks per stage for interleaved 1F1B (stage s holds chunks s, s+PP, ...); 1 = plain 1F1B."""
     pipeline_layout: list[int] | None = None

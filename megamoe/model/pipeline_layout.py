@@ -256,11 +256,12 @@ def check_pipeline_config(model: ModelConfig, parallel: ParallelConfig, zero_sta
         raise ConfigError("parallel.pipeline_parallel", P,
                           f"x virtual_stages={V} = {P * V} chunks exceeds model.num_layers={L}: every chunk "
                           "needs a block (or give parallel.pipeline_layout, which may leave chunks empty)")
-    if P > 1 and zero_stage >= 2:
+    if P > 1 and zero_stage != 1:
         raise ConfigError("train.zero_stage", zero_stage,
-                          f"pipeline parallelism (parallel.pipeline_parallel={P}) runs with ZeRO-0 or 1 (ZeRO-2 "
-                          "reduces gradients inside engine-driven backwards, which a pipeline schedule does not run; "
-                          "DeepSpeed's PipelineEngine refuses ZeRO-2/3 too); set train.zero_stage=1")
+                          f"pipeline parallelism (parallel.pipeline_parallel={P}) runs with ZeRO-1 (ZeRO-2 reduces "
+                          "gradients inside engine-driven backwards, which a pipeline schedule does not run; "
+                          "DeepSpeed's PipelineEngine refuses ZeRO-2/3 too; ZeRO-0 is not wired to the stages' "
+                          "norm); set train.zero_stage=1")
     if P > 1 and precision == "fp16":
         raise ConfigError("train.precision", precision,
                           f"pipeline parallelism (parallel.pipeline_parallel={P}) trains in bf16 or fp32: the schedule "

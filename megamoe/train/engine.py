@@ -270,6 +270,8 @@ def build_engine(model, run_cfg, layout, ds_config: dict):
         engine.enable_backward_allreduce = False
     if train.zero_stage == 0 and train.precision == "fp32" and train.grad_clip > 0:
         clip_inside_adamw(engine)
+    if layout.pp > 1:
+        pipeline_grad_norm(engine)
     # AdamW's moments now, before the first step's activations (fragments.ensure_optimizer_state)
     ensure_optimizer_state(engine.optimizer)
     dtype = next(engine.module.parameters()).dtype
@@ -335,6 +337,45 @@ def clip_inside_adamw(engine) -> None:
         engine._global_grad_norm = norm.item()
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def pipeline_grad_norm(engine) -> None:
+    """ZeRO-1 under pipeline parallelism: the global grad norm with ONE all-reduce over the
+    model-parallel group (TP x PP) per step.
+
+    DeepSpeed's ``scaled_global_norm`` all-reduces each param group's norm over that group, one
+    collective per group. Stages hold different param groups (a stage without central tensors,
+    or without the embedding, has fewer), so the stages issued different numbers of collectives
+    and the run hung in the first step (found by tools/experiments/estimate_check.py's PP=2
+    variant: 5 groups on one stage, 4 on the other). Here each rank sums the squared norms of
+    all its partitions (DeepSpeed's rules: a tied copy marked ``ds_pipe_replicated`` skipped,
+    a TP-replicated parameter counted on TP rank 0), then one all-reduce over the full DP group
+    (expert partitions included: their sum over DP is every expert's once, as in DeepSpeed's
+    per-group path, whose expert-DP averaging then changes nothing) and one over TP x PP.
+    A non-finite norm is returned as inf, as ``combine_grad_norm_groups`` does."""
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    opt = engine.optimizer
+    for attr in ("scaled_global_norm", "bit16_groups", "averaged_gradients", "params_in_partition",
+                 "dp_process_group", "model_parallel_rank", "device"):
+        assert hasattr(opt, attr), f"deepspeed's ZeRO optimizer no longer has {attr}"
+    model_parallel = engine.mpu.get_model_parallel_group()
+
+    def scaled_global_norm(norm_type=2):
+        assert norm_type == 2, "only the L2 norm"
+        squares = [torch.zeros((), dtype=torch.float32, device=opt.device)]
+        for i in range(len(opt.bit16_groups)):
+            grads = [g for g in opt.averaged_gradients[i] if not getattr(g, "_zero_padding", False)]
+            for g, p in zip(grads, opt.params_in_partition[i]):
+                if getattr(p, "ds_pipe_replicated", False):
+                    continue
+                if is_model_parallel_parameter(p) or opt.model_parallel_rank == 0:
+                    squares.append(g.detach().float().pow(2).sum())
+        total = comm.all_reduce(torch.stack(squares).sum(), "sum", opt.dp_process_group)
+        total = comm.all_reduce(total, "sum", model_parallel).sqrt()
+        return torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
+
+    opt.scaled_global_norm = scaled_global_norm
 
 
 def _base_optimizer(opt):

@@ -122,7 +122,8 @@ def test_schedule_arithmetic():
      "8 chunks exceeds model.num_layers=4"),
     (["parallel.virtual_stages=2"], "parallel.virtual_stages", "pipeline_parallel > 1"),
     (["parallel.pipeline_parallel=0"], "parallel.pipeline_parallel", ">= 1"),
-    (["parallel.pipeline_parallel=2", "train.zero_stage=2"], "train.zero_stage", "ZeRO-0 or 1"),
+    (["parallel.pipeline_parallel=2", "train.zero_stage=2"], "train.zero_stage", "runs with ZeRO-1"),
+    (["parallel.pipeline_parallel=2", "train.zero_stage=0"], "train.zero_stage", "runs with ZeRO-1"),
 ])
 def test_config_errors_name_the_field(overrides, field, says):
     ov = ["train.zero_stage=1", *overrides]

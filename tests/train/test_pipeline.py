@@ -58,7 +58,8 @@ def _close(ref, got, steps=10):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), (a["step"], key, a[key], b[key])
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
+@pytest.mark.parametrize("schedule", [pytest.param("1f1b", marks=pytest.mark.slow),  # fast: the resume test's PP=2 half
+                                      "interleaved"])
 def test_pp2_matches_one_process(pp_config, one_process, tmp_path, schedule):
     """10 steps at PP=2 (Schedule1F1B, or ScheduleInterleaved1F1B with 2 chunks per stage) give
     the losses, balance losses and grad norms of one process; the validation too. Launched with
@@ -94,18 +95,31 @@ def twelve_steps(pp_config, tmp_path_factory):
     return _train(_run(pp_config, tmp_path_factory.mktemp("ref12"), 1, *TIED_12))
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_resume_across_pipeline_sizes(pp_config, twelve_steps, tmp_path, first, then):
     """6 steps at PP=first, saved, 6 more at PP=then = 12 uninterrupted steps at PP=1 (the
     universal checkpoint holds each stage's blocks by name, AdamW moments and step counts);
-    tied embeddings, so the last stage's copy is saved once and restored on both stages."""
+    tied embeddings, so the last stage's copy is saved once and restored on both stages. The
+    PP=2 half is also checked against the reference (1F1B with a tied head). At PP=2 the layout
+    is explicit and lopsided, [1, 3] blocks: the stages hold different optimizer param groups (2
+    and 4), which hung DeepSpeed's per-group norm all-reduce (engine.pipeline_grad_norm)."""
+
+    def pp(n):
+        return [f"parallel.pipeline_parallel={n}"] + (["parallel.pipeline_layout=[1,3]"] if n == 2 else [])
+
     d = tmp_path / "x"
-    _run(pp_config, d, first, *TIED_12, f"parallel.pipeline_parallel={first}", "train.exit_after_steps=6")
-    _run(pp_config, d, then, *TIED_12, f"parallel.pipeline_parallel={then}")
+    _run(pp_config, d, first, *TIED_12, *pp(first), "train.exit_after_steps=6")
+    _close(twelve_steps[:6], _train(d), steps=6)
+    _run(pp_config, d, then, *TIED_12, *pp(then))
     _close(twelve_steps[6:], [r for r in _train(d) if r["step"] > 6], steps=6)
 
 
-def _hash_routing_body(rank, world, config, variant):
+def _hash_routing_body(rank, world, config, variants):
+    for variant in variants:
+        _hash_routing(config, variant)
+
+
+def _hash_routing(config, variant):
     """Rank 1 holds block 3, a hash layer: the experts it picks for every token of every
     micro-batch equal those a whole model in one process picks for the same batch."""
     import torch
@@ -143,11 +157,13 @@ def _hash_routing_body(rank, world, config, variant):
         assert len(torch.unique(torch.cat(ref))) > 1  # the tokens really spread over experts
 
 
-@pytest.mark.parametrize("variant", ["random", "bigram", "position"])
-def test_hash_layer_on_last_stage_routes_as_at_pp1(pp_config, variant):
-    run_distributed(_hash_routing_body, world_size=2, args=(pp_config, variant))
+def test_hash_layer_on_last_stage_routes_as_at_pp1(pp_config):
+    """Token-id (random), previous-token (bigram) and position hashing: ids and positions travel
+    with the micro-batch (one 2-rank run for the three)."""
+    run_distributed(_hash_routing_body, world_size=2, args=(pp_config, ["random", "bigram", "position"]))
 
 
+@pytest.mark.slow  # ~40 s: two runs, two consolidations, two exports
 def test_consolidation_and_export_equal_across_pipeline_sizes(pp_config, tmp_path):
     """zero_to_fp32.py and the HF export of a PP=2 checkpoint are bit-equal to those of a PP=1
     checkpoint of the same weights. Same weights: both runs start from the seed and take one
@@ -178,6 +194,7 @@ def test_consolidation_and_export_equal_across_pipeline_sizes(pp_config, tmp_pat
 
 
 
+@pytest.mark.slow  # ~60 s: three runs
 def test_pp2_sigkill_in_save_and_damaged_shard(pp_config, twelve_steps, tmp_path):
     """Killed inside its second save (step 6), a PP=2 run leaves ``latest`` at step 3; a damaged
     stage shard of that checkpoint is one error line naming the file; repaired, the run resumes
@@ -206,3 +223,14 @@ def test_pp2_sigkill_in_save_and_damaged_shard(pp_config, twelve_steps, tmp_path
                                     "train.load=auto"], launcher="python")
     assert rc == 0, log[-3000:]
     _close(twelve_steps[3:], [r for r in read_metrics(d / "logs3") if r["split"] == "train" and r["step"] > 3], steps=9)
+
+
+@pytest.mark.slow  # a 2-rank and a 4-rank run each, ~70 s
+@pytest.mark.parametrize("then", [["parallel.expert_parallel=2"], ["parallel.tensor_parallel=2"]])
+def test_resume_pp2_with_another_ep_or_tp(pp_config, twelve_steps, tmp_path, then):
+    """Saved at PP=2 (2 ranks), resumed at PP=2 with EP=2 or TP=2 (4 ranks): steps 7-12 equal
+    12 uninterrupted steps."""
+    d = tmp_path / "x"
+    _run(pp_config, d, 2, *TIED_12, "parallel.pipeline_parallel=2", "train.exit_after_steps=6")
+    _run(pp_config, d, 4, *TIED_12, "parallel.pipeline_parallel=2", *then)
+    _close(twelve_steps[6:], [r for r in _train(d) if r["step"] > 6], steps=6)

@@ -33,10 +33,14 @@ masters and flattens the gradients to fp32 at the step. Expert params are partit
 expert-data-parallel group (DP / EP) instead of DP. ZeRO-3 (dense only) also partitions the
 weights.
 
-Activations (no activation checkpointing; Korthikanti et al. 2022, counted in elements and
-scaled to the activation dtype): per block ``s*b*h*18 + 2*n*s*b*F*k`` with F the FFN width, k
-the experts a token visits and n = 2 (GELU) or 3 (SwiGLU) FFN-input tensors, divided by TP for
-the sharded parts, plus MoE dispatch buffers. No ``a*s^2*b`` attention-score term: the model's
+Activations (no activation checkpointing; counted in elements and scaled to the activation
+dtype): per block ``s*b*h*14 + n*s*b*F*k`` with F the FFN width, k the experts a token visits and
+n = 4 (SwiGLU: gate, up, silu(gate), product) or 2 (GELU) FFN tensors, divided by TP for the
+sharded parts, plus ``s*b*h*(3 + (10 + 3k)/TP)`` for an MoE layer's router and dispatch.
+Measured as the bytes autograd saves (``saved_tensors_hooks``, fp32, D=256, F=688, s=128, b=8),
+elements per token: dense block 6104 (formula 6336), top-1 MoE block 10513 (10432), top-2 14040
+(13952), hash MoE 10235 (10432); at TP=2 dense 3831 (3936), top-1 MoE 6431 (6368). Korthikanti et al. 2022's ``s*b*h*34``-style count (the formula here
+until the PP=2 check) overstated a dense block by 40%. No ``a*s^2*b`` attention-score term: the model's
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels, also on CPU) keeps no s x s
 matrix; measured, seq 256 x batch 4 peaks exactly where seq 128 x batch 8 does. The LM head's
 logits cost 12 bytes per ``s*b*V/TP`` element at the backward's start, measured in fp32
@@ -50,12 +54,13 @@ The terms are summed, although gradients grow while activations shrink during th
 which overstates fp32 runs. Checked against the peak of live tensors on CPU
 (``tools/experiments/estimate_check.py``, README "Planning"; :func:`measure` runs the trainer
 with glibc returning every freed tensor at once, so resident memory is live bytes, the same at
-every rerun): +4%..+12% for fp32 MoE and dense at ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k,
-batch 8/16; -5%..-1% for bf16 dense; at 2 ranks DP=2 +5%, EP=2 +4%, TP=2 +6%..+11% (fp32)
-and -17%..-10% (bf16 dense: ~28 MiB per rank that does not grow with the batch, not itemised).
-The demo (MPO experts, capacity factor) is 15% under. A bf16 MoE on CPU grows
-by oneDNN's cached kernel per expert batch shape and is not measurable this way. Not measured:
-sequence parallelism and activation checkpointing.
+every rerun): -7%..+11% for fp32 MoE and dense at ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k,
+batch 8/16; at 2 ranks DP=2 and EP=2 +6%, TP=2 -8%..+10% (fp32); at PP=2 (ZeRO-1, 4 micro-batches)
+each stage -14%..+12%. bf16 on CPU is under: -8%..-11% at one rank, -21%..-26% at TP=2; the bytes
+autograd saves in bf16 are half of fp32's (12.97 against 23.85 MiB for a dense block, measured),
+so the rest is CPU bf16 working memory, not itemised and not measured on a GPU. The demo (MPO
+experts, capacity factor) was 15% under with the previous activation term (not rechecked). A bf16 MoE on CPU grows by oneDNN's cached kernel per
+expert batch shape and is not measurable this way. Not measured: sequence parallelism and activation checkpointing.
 
 Traps: these are *model* bytes. A process also holds the framework itself (CPU: ~0.5-1 GB of
 libraries; GPU: the CUDA context, ~0.5 GB, outside ``max_memory_allocated``) and allocator
@@ -120,10 +125,12 @@ def _block_activation_elements(run, i: int, b: int) -> float:
         f = (moe.expert_ffn_hidden_size or m.ffn_hidden_size) * k
     else:
         f = m.ffn_hidden_size
-    n_in = 3 if m.activation == "swiglu" else 2
-    el = s * b * h * (10 + 8 / tp) + s * b * f * n_in * 2 / tp
-    if is_moe:
-        el += 2 * s * b * h * (moe.router.top_k if i not in moe.hash_layers else 1)  # dispatch buffers
+    # FFN: SwiGLU keeps gate, up, silu(gate) and their product; GELU its input and output
+    n_f = 4 if m.activation == "swiglu" else 2
+    el = s * b * h * (6 + 8 / tp) + s * b * f * n_f / tp
+    if is_moe:  # router input and scores, the permuted copies out and back, the combine
+        k = 1 if i in moe.hash_layers else moe.router.top_k
+        el += s * b * h * (3 + (10 + 3 * k) / tp)
     return el
 
 

@@ -366,7 +366,10 @@ class Trainer:
         train_recs = [h for h in self.metrics.history if h["split"] == "train"]
         result.update(
             valid=last_eval, params=self.counts, layout=vars(self.layout),
-            memory_mb={"baseline": self.baseline_mb, "peak": peak_memory_mb()},
+            memory_mb={"baseline": self.baseline_mb, "peak": peak_memory_mb(),
+                       # every rank's [baseline, peak]: pipeline stages differ (tools/estimate.py checks each)
+                       "per_rank": [t.tolist() for t in comm.all_gather(
+                           torch.tensor([self.baseline_mb, peak_memory_mb()], dtype=torch.float64))]},
             final_train_lm_loss=train_recs[-1]["lm_loss"] if train_recs else None,
             checkpoint=str(Path(t.save_dir) / (ckpt.read_latest(t.save_dir) or "")),
             tensorboard=str(Path(t.log_dir) / "tensorboard"), metrics=str(Path(t.log_dir) / "metrics.jsonl"))

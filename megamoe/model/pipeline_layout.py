@@ -79,7 +79,9 @@ micro-batch hooks move into the module), no ``mpu``, fixed shapes, every float c
 must reach the loss, ZeRO-0 clips by stage 0's norm only, and a new checkpoint layout.
 Both routes: ZeRO-2/3 are refused at P > 1 (the PipelineEngine asserts it, the recommended route
 fails in ZeRO-2's step, and ZeRO-2 would reduce-scatter every micro-batch's gradients, m x
-ZeRO-1's traffic; megatron-core and DeepSeek-V3 pair PP with a ZeRO-1-like optimizer).
+ZeRO-1's traffic; megatron-core and DeepSeek-V3 pair PP with a ZeRO-1-like optimizer). megamoe
+also refuses ZeRO-0 at P > 1: its grad norm (DeepSpeed's, or clip_inside_adamw's) is not the
+one-collective stage norm of megamoe/train/engine.py ``pipeline_grad_norm``.
 """
 
 from __future__ import annotations

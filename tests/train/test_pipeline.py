@@ -58,20 +58,17 @@ def _close(ref, got, steps=10):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), (a["step"], key, a[key], b[key])
 
 
-@pytest.mark.parametrize("schedule", [pytest.param("1f1b", marks=pytest.mark.slow),  # fast: the resume test's PP=2 half
-                                      "interleaved"])
+@pytest.mark.slow  # make test runs 6 steps of each schedule (test_interleaved_... and the resume test)
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
 def test_pp2_matches_one_process(pp_config, one_process, tmp_path, schedule):
     """10 steps at PP=2 (Schedule1F1B, or ScheduleInterleaved1F1B with 2 chunks per stage) give
-    the losses, balance losses and grad norms of one process; the validation too. Launched with
-    torchrun (1F1B) and with deepspeed (interleaved)."""
+    the losses, balance losses and grad norms of one process; the validation too."""
     over = ["parallel.pipeline_parallel=2"] + (["parallel.virtual_stages=2"] if schedule == "interleaved" else [])
-    got = _run(pp_config, tmp_path / schedule, 2, *over, launcher="deepspeed" if schedule == "interleaved" else "torchrun")
+    got = _run(pp_config, tmp_path / schedule, 2, *over)
     _close(_train(one_process), _train(got))
     ref_v, got_v = _valid(one_process)[-1], _valid(got)[-1]
     assert math.isclose(ref_v["lm_loss"], got_v["lm_loss"], rel_tol=1e-5) and ref_v["tokens"] == got_v["tokens"]
     assert _train(one_process)[-1]["aux_loss"] > 0  # the learned top-2 layer's balance loss travels
-    # each stage logs the MoE layers it holds; rank 0 writes them all
-    assert {"moe/layer1/max_load", "moe/layer2/max_load", "moe/layer3/max_load"} <= set(_train(got)[-1])
 
 
 @pytest.mark.slow  # 4 ranks on 2 cores: ~25 s each
@@ -93,6 +90,16 @@ TIED_12 = ["train.train_steps=12", "model.tie_embeddings=true"]
 @pytest.fixture(scope="module")
 def twelve_steps(pp_config, tmp_path_factory):
     return _train(_run(pp_config, tmp_path_factory.mktemp("ref12"), 1, *TIED_12))
+
+
+def test_interleaved_matches_one_process(pp_config, twelve_steps, tmp_path):
+    """6 steps of ScheduleInterleaved1F1B (PP=2 x 2 chunks, launched with deepspeed) give the
+    losses, balance losses and grad norms of one process; each stage logs the MoE layers it
+    holds and rank 0 writes them all."""
+    d = _run(pp_config, tmp_path / "v2", 2, *TIED_12, "parallel.pipeline_parallel=2", "parallel.virtual_stages=2",
+             "train.exit_after_steps=6", launcher="deepspeed")
+    _close(twelve_steps[:6], _train(d), steps=6)
+    assert {"moe/layer1/max_load", "moe/layer2/max_load", "moe/layer3/max_load"} <= set(_train(d)[-1])
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])

@@ -57,8 +57,9 @@ demo: data
 	else echo "(pretraining entry point not present yet: demo ran the data pipeline only)"; fi
 
 test: $(STAMP) data
-	# -m 'not slow': the 4-rank TP2xEP2 model test and the trainer-level expert-bias rerun stay out of
-	# the 20-minute CI budget on 2 cores (their 2-rank counterparts run); `pytest -m slow tests` runs them.
+	# -m 'not slow': the 4-rank tests (TP2xEP2, pipeline x DP/EP/TP), the 10-step pipeline checks and a few
+	# reverse-direction or long reruns stay out of the 20-minute CI budget on 2 cores (a shorter
+	# counterpart of each runs here); `pytest -m slow tests` runs them.
 	$(BIN)/python -m pytest -q --durations=15 -m 'not slow' tests
 
 clean-data:

@@ -162,6 +162,7 @@ def test_moe_layer_routes_in_fp32_under_bf16():
     assert st.lb_loss.dtype == torch.float32 and st.z_loss.dtype == torch.float32
 
 
+@pytest.mark.slow  # 2 x 50 steps, ~32 s: out of make test's 20 minutes since pipeline parallelism's tests came in
 def test_bf16_training_tracks_fp32(tmp_path):
     """50 steps of a demo-shaped model (hash layer + two MPO-expert Switch layers, EP=1, ZeRO-2;
     width 32 instead of the demo's 128 to stay cheap) in bf16 and in fp32 from the same init and

@@ -33,34 +33,36 @@ masters and flattens the gradients to fp32 at the step. Expert params are partit
 expert-data-parallel group (DP / EP) instead of DP. ZeRO-3 (dense only) also partitions the
 weights.
 
-Activations (no activation checkpointing; counted in elements and scaled to the activation
-dtype): per block ``s*b*h*14 + n*s*b*F*k`` with F the FFN width, k the experts a token visits and
-n = 4 (SwiGLU: gate, up, silu(gate), product) or 2 (GELU) FFN tensors, divided by TP for the
-sharded parts, plus ``s*b*h*(3 + (10 + 3k)/TP)`` for an MoE layer's router and dispatch.
-Measured as the bytes autograd saves (``saved_tensors_hooks``, fp32, D=256, F=688, s=128, b=8),
-elements per token: dense block 6104 (formula 6336), top-1 MoE block 10513 (10432), top-2 14040
-(13952), hash MoE 10235 (10432); at TP=2 dense 3831 (3936), top-1 MoE 6431 (6368). Korthikanti et al. 2022's ``s*b*h*34``-style count (the formula here
-until the PP=2 check) overstated a dense block by 40%. No ``a*s^2*b`` attention-score term: the model's
-``scaled_dot_product_attention`` (flash / memory-efficient kernels, also on CPU) keeps no s x s
-matrix; measured, seq 256 x batch 4 peaks exactly where seq 128 x batch 8 does. The LM head's
-logits cost 12 bytes per ``s*b*V/TP`` element at the backward's start, measured in fp32
-(logits, the cross-entropy's saved log-probabilities, its gradient) and bf16 (bf16 logits and
-gradient, fp32 log-probabilities and gradient). At TP>1 megatron's vocab-parallel
-cross-entropy turns one fp32 copy into the softmax and then, in place, into the gradient: 8
-bytes (fp32 logits + that copy; bf16 logits, the copy and the bf16 gradient); the slope over V at TP=2 measured about 7. With activation checkpointing
-only the block inputs (``s*b*h`` per block) plus one block's activations are kept.
+Activations (no activation checkpointing; counted in elements and scaled to the activation dtype):
+per block ``s*b*h*14 + n*s*b*F*k`` with F the FFN width, k the experts a token visits and n = 4
+(SwiGLU: gate, up, silu(gate), product) or 2 (GELU) FFN tensors, divided by TP for the sharded
+parts, plus ``s*b*h*(3 + (10 + 3k)/TP)`` for an MoE layer's router and dispatch. Measured as the
+bytes autograd saves (``saved_tensors_hooks``, fp32, D=256, F=688, s=128, b=8), elements per token:
+dense block 6104 (formula 6336), top-1 MoE block 10513 (10432), top-2 14040 (13952), hash MoE 10235
+(10432); at TP=2 dense 3831 (3936), top-1 MoE 6431 (6368). Korthikanti et al. 2022's
+``s*b*h*34``-style count (the formula here until the PP=2 check) overstated a dense block by 40%. No
+``a*s^2*b`` attention-score term: the model's ``scaled_dot_product_attention`` (flash /
+memory-efficient kernels, also on CPU) keeps no s x s matrix; measured, seq 256 x batch 4 peaks
+exactly where seq 128 x batch 8 does. The LM head's logits cost 12 bytes per ``s*b*V/TP`` element at
+the backward's start, measured in fp32 (logits, the cross-entropy's saved log-probabilities, its
+gradient) and bf16 (bf16 logits and gradient, fp32 log-probabilities and gradient). At TP>1
+megatron's vocab-parallel cross-entropy turns one fp32 copy into the softmax and then, in place,
+into the gradient: 8 bytes (fp32 logits + that copy; bf16 logits, the copy and the bf16 gradient);
+the slope over V at TP=2 measured about 7. With activation checkpointing only the block inputs
+(``s*b*h`` per block) plus one block's activations are kept.
 
-The terms are summed, although gradients grow while activations shrink during the backward,
-which overstates fp32 runs. Checked against the peak of live tensors on CPU
-(``tools/experiments/estimate_check.py``, README "Planning"; :func:`measure` runs the trainer
-with glibc returning every freed tensor at once, so resident memory is live bytes, the same at
-every rerun): -7%..+11% for fp32 MoE and dense at ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k,
-batch 8/16; at 2 ranks DP=2 and EP=2 +6%, TP=2 -8%..+10% (fp32); at PP=2 (ZeRO-1, 4 micro-batches)
-each stage -14%..+12%. bf16 on CPU is under: -8%..-11% at one rank, -21%..-26% at TP=2; the bytes
-autograd saves in bf16 are half of fp32's (12.97 against 23.85 MiB for a dense block, measured),
-so the rest is CPU bf16 working memory, not itemised and not measured on a GPU. The demo (MPO
-experts, capacity factor) was 15% under with the previous activation term (not rechecked). A bf16 MoE on CPU grows by oneDNN's cached kernel per
-expert batch shape and is not measurable this way. Not measured: sequence parallelism and activation checkpointing.
+The terms are summed, although gradients grow while activations shrink during the backward, which
+overstates fp32 runs. Checked against the peak of live tensors on CPU
+(``tools/experiments/estimate_check.py``, README "Planning"; :func:`measure` runs the trainer with
+glibc returning every freed tensor at once, so resident memory is live bytes, the same at every
+rerun): -7%..+11% for fp32 MoE and dense at ZeRO-0/1/2, top-1/top-2, vocabulary 8k/16k, batch 8/16;
+at 2 ranks DP=2 and EP=2 +6%, TP=2 -8%..+10% (fp32); at PP=2 (ZeRO-1, 4 micro-batches) each stage
+-14%..+12%. bf16 on CPU is under: -7%..-11% at one rank (-15% on another CPU: CI's), -21%..-26% at
+TP=2; the bytes autograd saves in bf16 are half of fp32's (12.97 against 23.85 MiB for a dense
+block, measured), so the rest is CPU bf16 working memory, not itemised and not measured on a GPU.
+The demo (MPO experts, capacity factor) was 15% under with the previous activation term (not
+rechecked). A bf16 MoE on CPU grows by oneDNN's cached kernel per expert batch shape and is not
+measurable this way. Not measured: sequence parallelism and activation checkpointing.
 
 Traps: these are *model* bytes. A process also holds the framework itself (CPU: ~0.5-1 GB of
 libraries; GPU: the CUDA context, ~0.5 GB, outside ``max_memory_allocated``) and allocator

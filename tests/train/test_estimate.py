@@ -20,10 +20,13 @@ def test_estimate_memory_and_params_vs_measured(tiny_data, tmp_path, monkeypatch
     the dense model: a bf16 MoE on CPU grows by oneDNN's kernel per expert batch shape (+26 MiB a
     step at first; the README's "Planning").
 
-    Measured here: fp32 MoE 530 MiB (predicted +12%), its activations (batch 16 minus batch 8)
-    218 (+8%), bf16 dense 291 (-0%). The bounds catch a dropped optimizer or activation term
-    (-28%, -32%), an attention-score term the flash kernel never keeps (+18% on activations),
-    and 16 bytes per logit instead of 12 (+18% on the fp32 total)."""
+    Measured: fp32 MoE 531 MiB (predicted +13%), its activations (batch 16 minus batch 8) 220
+    (+9%), bf16 dense 291 here (AMD EPYC, predicted -7%) and 318 on CI's machine (-15%). The
+    estimate counts the bytes autograd saves; what a CPU adds in bf16 is oneDNN working memory
+    that depends on the CPU (tools/estimate.py), so the bf16 bound is one-sided: from 25% under
+    to 5% over. The bounds catch a dropped optimizer or activation term (-28%, -32% fp32;
+    bf16 -35%, -56%), an attention-score term the flash kernel never keeps (+18% on
+    activations), and 16 bytes per logit instead of 12 (+18% on the fp32 total)."""
     from megamoe.run_config import load_run_config
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -49,7 +52,7 @@ def test_estimate_memory_and_params_vs_measured(tiny_data, tmp_path, monkeypatch
     bf16, est_bf16 = measure_and_predict("train.precision=bf16", "moe.num_experts=0", "moe.layers=[]",
                                          "moe.hash_layers=[]")
     assert abs(est_fp32["total"] - fp32) / fp32 < 0.15, (est_fp32, fp32)
-    assert abs(est_bf16["total"] - bf16) / bf16 < 0.10, (est_bf16, bf16)
+    assert -0.25 < (est_bf16["total"] - bf16) / bf16 < 0.05, (est_bf16, bf16)
     activations = batch16 - fp32
     assert abs(est_fp32["activations"] - activations) / activations < 0.12, (est_fp32, activations)
 

@@ -26,12 +26,14 @@ def _run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 # A subset of each study's arms end to end (every other arm is a config of the same code paths,
-# and test_every_arm_resolves_to_a_valid_config checks them all): routing's families, the E-ladder,
-# a capacity variant, an ablation that needs the dense arm; mpoe's Switch,
-# 3- and 5-tensor MPO, a central-tensor rule, and the upcycling chain; balance's aux and bias.
+# and test_every_arm_resolves_to_a_valid_config checks them all): routing's dense, learned and
+# hash families at two E (the ablation group's reference among them); mpoe's Switch, MPO, a
+# central-tensor rule, and the upcycling chain; balance's aux and bias. The capacity variant,
+# the widened dense arm and the 5-tensor MPO left make test to keep it under 20 minutes (their
+# configs are checked below; the 5-tensor layer in tests/moe).
 SUBSETS = {
-    "routing.py": "dense,dense_wide_E8,switch_top1_E8,switch_cap1.25_E16,hash_balanced_E8,hash_clustered_E64",
-    "mpoe.py": "dense,switch_E8,mpo_E8,mpo5_E16,mask_skip_p0.5_scratch,dense_base,mpo_upcycled",
+    "routing.py": "dense,switch_top1_E8,hash_balanced_E8,hash_clustered_E64",
+    "mpoe.py": "switch_E8,mpo_E8,mask_skip_p0.5_scratch,dense_base,mpo_upcycled",
     "balance.py": "aux_E16,bias_E16",
 }
 

@@ -120,12 +120,18 @@ def saved_ep2(tiny_moe, tmp_path_factory):
     return d
 
 
+# Each kind of file once in make test (a shard's data, its index, the state file, the init);
+# the second index damage, the deleted index and the per-rank RNG file run with `pytest -m slow`,
+# to keep make test under its 20 minutes.
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("target,how", [("shards/rank00001.safetensors", "truncate"),
                                         ("shards/rank00000.safetensors", "flip"),
                                         ("shards/rank00001.json", "truncate"),
                                         ("megamoe_state.json", "truncate"),
-                                        ("megamoe_rank1.pt", "truncate"),
-                                        ("shards/rank00001.json", "delete"),
+                                        pytest.param("megamoe_rank1.pt", "truncate", marks=_SLOW),
+                                        pytest.param("shards/rank00001.json", "delete", marks=_SLOW),
                                         ("init_from", "truncate")])
 def test_damaged_file_is_one_clear_error_on_every_rank(saved_ep2, tiny_moe, tmp_path, target, how):
     import shutil

@@ -49,9 +49,11 @@ def runs_a(tiny_moe, tmp_path_factory):
     return get
 
 
-# dp2->ep2 and dp2->tp2 (the reverse directions of ep2->dp2, tp2->dp2: the same canonical load) run
+# dp2->ep2 and dp2->tp2 (the reverse directions of ep2->dp2, tp2->dp2: the same canonical load),
+# tp2->dp2 (make test resumes TP2 -> DP2 in tests/moe/test_shared_experts_train.py) and
+# zero1->zero2 (ep2->dp2 already re-partitions ZeRO-2 optimizer state from the canonical load) run
 # with `pytest -m slow`, to keep make test under its 20 minutes
-SLOW_PAIRS = {("dp2", "ep2"), ("dp2", "tp2")}
+SLOW_PAIRS = {("dp2", "ep2"), ("dp2", "tp2"), ("tp2", "dp2"), ("zero1", "zero2")}
 
 
 @pytest.mark.parametrize("a,b", [pytest.param(a, b, marks=pytest.mark.slow) if (a, b) in SLOW_PAIRS else (a, b)

@@ -4,7 +4,9 @@ with Holm-corrected verdicts (megamoe.stats), a markdown table, JSON and PNGs.
 
 Design:
 - One process runs a whole study; each (arm, seed) is one in-process ``Trainer`` run (a world of
-  one, gloo) so the framework is imported once.
+  one, gloo) so the framework is imported once and the process groups are built once
+  (``megamoe.parallel.init_parallel`` reuses an unchanged layout's groups; rebuilding them per
+  run leaked ~50 gloo threads a run).
 - Splits: train / valid / test = :data:`SPLIT`. The LR sweep selects on valid; every number
   the tables compare is the test loss (:func:`evaluate_test`).
 - LR sweep: an arm with a ``family`` trains at that family's LR, chosen as the lowest final

@@ -24,7 +24,10 @@ settings are fixed arms (``PAPER``: rank 16, 8 skills, every projection, lr 1e-3
 Suite: every arm x training size (examples per task) x seed; each run is cached as
 ``CACHE/<settings hash>/<final|select>__<arm>__lr<lr>__n<size>__s<seed>.json`` the moment it
 finishes, so an interrupted suite resumes where it stopped and the tables are rebuilt from the
-cache. Results: per arm and size, test accuracy (mean over seeds, Student-t 95% interval over
+cache. Several processes may run the same command on one cache (one per core, ``OMP_NUM_THREADS=1``):
+each run is claimed with an advisory lock (``<run>.lock``, released when its process exits, even
+killed), a claimed run is skipped by the others, and each worker's own report is incomplete; rebuild
+the tables with ``--report`` once all have finished. Results: per arm and size, test accuracy (mean over seeds, Student-t 95% interval over
 seeds); the papers' claims as paired per-seed differences judged by megamoe.stats (Holm over
 the table's claims, equivalence at +-MARGIN) with the verdict word and the claim's outcome from
 code; the routing check (entropy must fall) and the dead-arm check (adapters must move).
@@ -46,6 +49,8 @@ head + task list in extra.safetensors / megamoe_finetune.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -171,6 +176,20 @@ def _settings(args, base_desc: str) -> dict:
 def _cache_file(cache: Path, kind: str, arm: str, lr: float, size: int, seed: int, task: str = "") -> Path:
     safe = arm.replace(":", "_").replace("/", "+").replace("=", "-")
     return cache / f"{kind}__{safe}__lr{lr:g}__n{size}__s{seed}{'__' + task if task else ''}.json"
+
+
+@contextlib.contextmanager
+def _claim(result: Path, wait: bool):
+    """Hold ``result``'s advisory lock while this process computes it: yields True when the run is
+    this process's to do, False when it is done or (``wait`` False) another process holds it.
+    flock is released by the kernel when its holder dies, so a killed worker leaves no stale claim."""
+    with open(result.with_name(result.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield not result.exists()  # another process may have finished it before the lock was ours
 
 
 def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], claims_spec: list) -> dict:
@@ -467,9 +486,11 @@ def main(argv=None):
         """Skills learned on the non-held-out tasks (transfer), cached as a .pt per (arm, seed)."""
         f = _cache_file(cache, "prior", spec, args.lr, args.prior_size, seed).with_suffix(".pt")
         if (spec, seed) not in priors:
-            if f.exists():
-                priors[(spec, seed)] = torch.load(f)
-            else:
+            with _claim(f, wait=True) as mine:
+                if not mine:
+                    priors.clear()
+                    priors[(spec, seed)] = torch.load(f)
+                    return priors[(spec, seed)]
                 train = load_tasks(args.task_dir, tasks, args.tokenizer, args.seq_len, args.prior_size, 1, seed,
                                    args.max_valid)[1]
                 keep = ~torch.isin(train.tasks, torch.tensor([tasks.index(t) for t in held]))
@@ -482,6 +503,35 @@ def main(argv=None):
                 with atomic_path(f) as tmp:
                     torch.save(r["state"], tmp)
         return priors[(spec, seed)]
+
+    def compute(arm, spec, lr, size, seed, final, task, f):
+        _, train, valid, test = data(size, seed)
+        if task:
+            t = tasks.index(task)
+            train, valid, test = subset(train, t), subset(valid, t), subset(test, t)
+
+        def save(clf, inj, arm=arm):
+            if args.save and rank0:
+                from megamoe.finetune.inject import save_adapters
+
+                extra_t = {"head.weight": clf.head.weight, "head.bias": clf.head.bias, "tasks": tasks,
+                           "num_classes": num_classes, "arm": arm, "base": base.description, "pool": args.pool}
+                if inj is None:
+                    raise UserError("--save: the head arm has no adapters to save")
+                save_adapters(inj, args.save, extra_t)
+
+        init = prior_state(spec, seed) if arm.endswith("+skills") else None
+        r = finetune_method(spec, base.build, base.hidden_size, num_classes, train, test if final else None,
+                            adapter_cfg, args.steps, args.batch_size, lr, seed, args.mta_stage2_steps, dp=dp,
+                            on_model=save, pool=args.pool, schedule=args.schedule, valid=valid,
+                            init_state=init)
+        r |= {"size": size, "seed": seed, "lr": lr, "task": task}
+        if rank0:
+            atomic_write_text(f, json.dumps(r) + "\n")
+            print(f"{arm}{' ' + task if task else ''} lr={lr:g} n={size} seed={seed}: valid "
+                  f"{r['valid_avg_acc']:.3f} ({r['train_s']:.0f} s train, {time.time() - t_start:.0f} s total)",
+                  flush=True)
+        return r
 
     def one_run(arm, lr, size, seed, final):
         """One cached run: every task together, or (transfer) each held-out task alone, merged.
@@ -496,33 +546,16 @@ def main(argv=None):
                 continue
             if args.report:
                 return None
-            _, train, valid, test = data(size, seed)
-            if task:
-                t = tasks.index(task)
-                train, valid, test = subset(train, t), subset(valid, t), subset(test, t)
-
-            def save(clf, inj, arm=arm):
-                if args.save and rank0:
-                    from megamoe.finetune.inject import save_adapters
-
-                    extra_t = {"head.weight": clf.head.weight, "head.bias": clf.head.bias, "tasks": tasks,
-                               "num_classes": num_classes, "arm": arm, "base": base.description, "pool": args.pool}
-                    if inj is None:
-                        raise UserError("--save: the head arm has no adapters to save")
-                    save_adapters(inj, args.save, extra_t)
-
-            init = prior_state(spec, seed) if arm.endswith("+skills") else None
-            r = finetune_method(spec, base.build, base.hidden_size, num_classes, train, test if final else None,
-                                adapter_cfg, args.steps, args.batch_size, lr, seed, args.mta_stage2_steps, dp=dp,
-                                on_model=save, pool=args.pool, schedule=args.schedule, valid=valid,
-                                init_state=init)
-            r |= {"size": size, "seed": seed, "lr": lr, "task": task}
-            if rank0:
-                atomic_write_text(f, json.dumps(r) + "\n")
-                print(f"{arm}{' ' + task if task else ''} lr={lr:g} n={size} seed={seed}: valid "
-                      f"{r['valid_avg_acc']:.3f} ({r['train_s']:.0f} s train, {time.time() - t_start:.0f} s total)",
-                      flush=True)
-            results.append(r)
+            if args.save or dp:  # one chosen run, or ranks that must all run it together
+                results.append(compute(arm, spec, lr, size, seed, final, task, f))
+                continue
+            with _claim(f, wait=False) as mine:
+                if not mine:  # finished or in progress elsewhere
+                    if not f.exists():
+                        return None
+                    results.append(json.loads(f.read_text()))
+                    continue
+                results.append(compute(arm, spec, lr, size, seed, final, task, f))
         if len(results) == 1:
             return results[0]
         merged = dict(results[0])  # the held-out tasks' runs, averaged as one row

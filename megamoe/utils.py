@@ -4,6 +4,7 @@ one place where known dependency warnings are filtered."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -40,6 +41,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def claim(result: str | Path, wait: bool = False, todo=None) -> Iterator[bool]:
+    """Hold an advisory lock (flock on ``<result>.lock``) while this process computes ``result``,
+    so that processes sharing a result cache split its runs instead of repeating them.
+
+    Yields True when the run is this process's to do: ``todo()`` (default: ``result`` does not
+    exist), checked once the lock is held, since another process may have finished it meanwhile.
+    Yields False when it is done, or (``wait`` False) when another process holds it. The kernel
+    drops an flock when its holder exits, even killed, so no claim outlives its process (the
+    empty ``.lock`` files stay). Local filesystems only: flock over NFS is not reliable.
+    """
+    result = Path(result)
+    result.parent.mkdir(parents=True, exist_ok=True)
+    with open(result.with_name(result.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield todo() if todo is not None else not result.exists()
 
 
 def rank() -> int:

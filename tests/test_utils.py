@@ -125,3 +125,34 @@ def test_peft_wrapping_prints_no_transformers_deprecation_and_megamoe_never_read
         filter_dependency_warnings()
         peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_processes_sharing_a_cache_claim_each_run_once(tmp_path):
+    """Processes sharing a result cache (tools/finetune.py, tools/experiments): a run another
+    process holds is skipped, a finished run is not redone, ``todo`` overrides "not done" (a stale
+    result to rerun), and a killed holder's claim is gone (flock dies with its process)."""
+    from megamoe.utils import claim
+
+    run = tmp_path / "final__poly__lr0.01__n100__s0.json"
+    with claim(run, wait=False) as mine:
+        assert mine
+        with claim(run, wait=False) as other:  # a second open file: as another process sees it
+            assert not other
+        run.write_text("{}")
+    with claim(run, wait=False) as mine:
+        assert not mine  # done
+    with claim(run, wait=True, todo=lambda: True) as mine:
+        assert mine  # done but stale
+    held = tmp_path / "final__lora__lr0.01__n100__s0.json"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(held) + ".lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with claim(held, wait=False) as mine:
+            assert not mine
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim(held, wait=False) as mine:
+        assert mine

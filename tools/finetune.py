@@ -49,8 +49,6 @@ head + task list in extra.safetensors / megamoe_finetune.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -176,20 +174,6 @@ def _settings(args, base_desc: str) -> dict:
 def _cache_file(cache: Path, kind: str, arm: str, lr: float, size: int, seed: int, task: str = "") -> Path:
     safe = arm.replace(":", "_").replace("/", "+").replace("=", "-")
     return cache / f"{kind}__{safe}__lr{lr:g}__n{size}__s{seed}{'__' + task if task else ''}.json"
-
-
-@contextlib.contextmanager
-def _claim(result: Path, wait: bool):
-    """Hold ``result``'s advisory lock while this process computes it: yields True when the run is
-    this process's to do, False when it is done or (``wait`` False) another process holds it.
-    flock is released by the kernel when its holder dies, so a killed worker leaves no stale claim."""
-    with open(result.with_name(result.name + ".lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield not result.exists()  # another process may have finished it before the lock was ours
 
 
 def summarise(runs: dict, arms: list[str], sizes: list[int], tasks: list[str], claims_spec: list) -> dict:
@@ -464,7 +448,7 @@ def main(argv=None):
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(args.cache) / key
     cache.mkdir(parents=True, exist_ok=True)
-    from megamoe.utils import atomic_path, atomic_write_text
+    from megamoe.utils import atomic_path, atomic_write_text, claim
 
     atomic_write_text(cache / "settings.json", json.dumps(settings, indent=2) + "\n")  # processes may share a cache
     rank0 = not dp or int(os.environ.get("RANK", "0")) == 0
@@ -486,7 +470,7 @@ def main(argv=None):
         """Skills learned on the non-held-out tasks (transfer), cached as a .pt per (arm, seed)."""
         f = _cache_file(cache, "prior", spec, args.lr, args.prior_size, seed).with_suffix(".pt")
         if (spec, seed) not in priors:
-            with _claim(f, wait=True) as mine:
+            with claim(f, wait=True) as mine:
                 if not mine:
                     priors.clear()
                     priors[(spec, seed)] = torch.load(f)
@@ -549,7 +533,7 @@ def main(argv=None):
             if args.save or dp:  # one chosen run, or ranks that must all run it together
                 results.append(compute(arm, spec, lr, size, seed, final, task, f))
                 continue
-            with _claim(f, wait=False) as mine:
+            with claim(f, wait=False) as mine:
                 if not mine:  # finished or in progress elsewhere
                     if not f.exists():
                         return None

@@ -210,32 +210,3 @@ def torch_equal(a, b):
     import torch
 
     return a.shape == b.shape and torch.equal(a, b)
-
-
-def test_workers_sharing_a_cache_claim_each_run_once(tmp_path):
-    """Two processes on one cache: a run another process holds is skipped, a finished run is not
-    redone, and a killed holder's claim is gone (flock dies with its process)."""
-    import subprocess
-    import sys
-
-    run = tmp_path / "final__poly__lr0.01__n100__s0.json"
-    with tool._claim(run, wait=False) as mine:
-        assert mine
-        with tool._claim(run, wait=False) as other:  # a second open file: as another process sees it
-            assert not other
-        run.write_text("{}")
-    with tool._claim(run, wait=False) as mine:
-        assert not mine  # done
-    held = tmp_path / "final__lora__lr0.01__n100__s0.json"
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                               str(held) + ".lock"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with tool._claim(held, wait=False) as mine:
-            assert not mine
-    finally:
-        holder.kill()
-        holder.wait()
-    with tool._claim(held, wait=False) as mine:
-        assert mine

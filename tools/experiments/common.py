@@ -54,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from megamoe.utils import atomic_path, atomic_write_text, print0, progress  # noqa: E402
+from megamoe.utils import atomic_path, atomic_write_text, claim, print0, progress  # noqa: E402
 
 # The studies' corpus split: train, valid (LR selection), test (every reported number). Not the
 # demo's 98,2,0, which has no test split. Trap: the corpus's last documents are short, so 2 %
@@ -296,13 +296,16 @@ def chosen_lr(study: Study, out: Path, family: str) -> float | None:
 
 def run_sweep(study: Study, out: Path, quick: bool, family: str, rerun_stale: bool) -> float:
     arm = _sweep_arm(study, family)
-    for lr in study.lr_grid:
-        path = out / "lr_sweep" / family / f"lr{lr:g}.json"
-        overrides = declared(study, arm, SWEEP_SEED, quick, lr)
-        if _cached(path, overrides, rerun_stale) is None:
-            print0(f"{study.name}: LR sweep of family {family!r} on {arm.name}: lr={lr:g}")
-            _save(path, dict(run_one(study, arm, SWEEP_SEED, path.with_suffix(".run"), overrides, quick),
-                             family=family, sweep=True))
+    for wait in (False, True):  # first the LRs no other process holds, then wait for the rest
+        for lr in study.lr_grid:
+            path = out / "lr_sweep" / family / f"lr{lr:g}.json"
+            overrides = declared(study, arm, SWEEP_SEED, quick, lr)
+            if _cached(path, overrides, rerun_stale) is None:
+                with claim(path, wait, todo=lambda: _cached(path, overrides, rerun_stale) is None) as mine:
+                    if mine:
+                        print0(f"{study.name}: LR sweep of family {family!r} on {arm.name}: lr={lr:g}")
+                        _save(path, dict(run_one(study, arm, SWEEP_SEED, path.with_suffix(".run"), overrides, quick),
+                                         family=family, sweep=True))
     return chosen_lr(study, out, family)
 
 
@@ -328,8 +331,13 @@ def run_study(study: Study, out: Path, quick: bool, seeds: int, only: list[str] 
         overrides = arm_overrides(study, arm, seed, quick, out)
         rec = _cached(path, overrides, rerun_stale)
         if rec is None:
-            rec = _save(path, run_one(study, arm, seed, path.with_suffix(".run"), overrides, quick))
-        records.append(rec)
+            with claim(path, todo=lambda: _cached(path, overrides, rerun_stale) is None) as mine:
+                if mine:
+                    rec = _save(path, run_one(study, arm, seed, path.with_suffix(".run"), overrides, quick))
+                else:  # done meanwhile, or running in another process (then not in this one's tables)
+                    rec = _cached(path, overrides, rerun_stale)
+        if rec is not None:
+            records.append(rec)
     return records
 
 

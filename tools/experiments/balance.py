@@ -5,9 +5,9 @@ at E=16 and E=64, with validation perplexity and the max/mean expert load over t
     python tools/experiments/balance.py --quick    # toy size (the test suite runs it)
 
 Model and budget: the routing study's (tools/experiments/routing.py: 4 blocks, D=128, F=256,
-V=8000, sequence 128, blocks 1 and 3 sparse, 200 steps of 16 sequences, the 90/5/5 split, test
-loss compared), 3 seeds (not a headline study), Switch top-1 with the straight-through combine
-weight and capacity factor 1.25 in training and evaluation in every arm (balance matters where
+V=8000, sequence 128, blocks 1 and 3 sparse, 400 steps of 16 sequences, the 90/5/5 split, test
+loss compared), 3 seeds (not a headline study), routing's Switch top-1 (combine weight p) with
+capacity factor 1.25 in training and evaluation in every arm (balance matters where
 tokens are dropped), so only the balancing rule differs; one LR per family (Switch, hash), the
 best of routing's grid on valid at a seed of its own:
 - ``aux``: the micro-batch Switch loss, coefficient 0.01.

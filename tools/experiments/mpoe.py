@@ -9,8 +9,9 @@ rules from scratch (where experts diverge) and upcycled from a dense base.
 
 Model (full size): the routing study's decoder (4 blocks, D=128, F=256, V=8000, sequence 128,
 the 90/5/5 split, test loss compared); blocks 1 and 3 become MoE, top-1, dropless (no capacity at
-train or eval). Budget: 200 steps of 16 sequences from scratch; the upcycled group trains a dense
-base 100 steps and every upcycled / continued arm 100 more from that seed's base (equal steps).
+train or eval). Budget: routing's, 400 steps of 16 sequences from scratch; the upcycled group
+trains a dense base 200 steps and every upcycled / continued arm 200 more from that seed's base
+(equal steps).
 Seeds: 5 at E=8 and E=16 (the headline), 3 elsewhere.
 
 Routers: ``switch_E{E}`` is the official RUCAIBox/MPO SwitchFFN's (dropless, straight-through
@@ -29,8 +30,8 @@ Central-tensor rules (on ``mpo_E8`` from scratch, and on an upcycled MPO E=8): t
 and its AdamW state untouched), an element-wise Bernoulli(0.5) gradient mask, a central LR x 0.5
 control (the same expected central step as the skip rule, without skipping), and freeze.
 
-LR: each family (dense, Switch official, Switch megamoe, MPO) takes the best of 1e-3 / 3e-3 /
-9e-3 on valid at a seed of its own; the upcycled arms continue at the family's LR / 2.
+LR: each family (dense, Switch official, Switch megamoe, MPO) takes the best of routing's grid
+(1.5e-3 / 3e-3 / 6e-3) on valid at a seed of its own; the upcycled arms continue at the family's LR / 2.
 
 The paper's headline: Switch-level quality with 27.2x fewer total parameters (T5 upcycling and
 GLUE fine-tuning, not pretraining from scratch as here).
@@ -44,15 +45,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Arm, Study, main  # noqa: E402
-from routing import BASE, LR_GRID, QUICK  # noqa: E402
+from routing import BASE, LR_GRID, QUICK, STEPS  # noqa: E402
 
-LAYERS, STEPS, BASE_STEPS, SHORT = "[1,3]", 200, 100, 3
+LAYERS, BASE_STEPS, SHORT = "[1,3]", STEPS // 2, 3
 HEADLINE = (8, 16)
 
 OFFICIAL = ["moe.router.top_k=1", "moe.router.capacity_factor=0", "moe.router.eval_capacity_factor=0",
             "moe.router.combine=straight_through", "moe.router.aux_loss_coef=0", "moe.router.z_loss_coef=0"]
 MEGAMOE = ["moe.router.aux_loss_coef=0.01", "moe.router.z_loss_coef=0.001"]
-CONTINUE = [f"train.train_steps={STEPS - BASE_STEPS}", "train.warmup_steps=10"]
+CONTINUE = [f"train.train_steps={STEPS - BASE_STEPS}", f"train.warmup_steps={STEPS // 20}"]
 QUICK_STEPS = 6  # the skip rule (seed 4321) first skips step 5: fewer steps would test nothing
 
 

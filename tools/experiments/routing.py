@@ -11,13 +11,12 @@ paper's ablations at E=64; and a larger scale at E=16 and 64.
 
 Model (full size): a 4-block decoder, D=128, 4 heads, SwiGLU F=256 (each expert as wide as the
 dense FFN), V=8000 (the demo tokenizer), sequence 128; blocks 1 and 3 are sparse in every MoE arm.
-Budget: 200 steps of 16 sequences (409,600 tokens) per (arm, seed); valid loss over 32 batches
+Budget: 400 steps of 16 sequences (819,200 tokens) per (arm, seed); valid loss over 32 batches
 (LR selection), test loss over 32 (512 of the 5 % test split's 547 sequences; every comparison). Seeds: 5 for
 the headline groups (dense, E=16, E=64), 3 elsewhere. Larger scale ("L"): D=256, 8 heads,
-F=512, 400 steps (2x width, 2x tokens), 3 seeds, at the LRs swept at the small scale (no budget
-for a sweep of its own: a limitation). Single-thread step costs measured in the 2026-12 runs:
-~0.6-1.1 s for dense, Switch and hash at any E (fixed costs dominate), 2 s / 3.9 s for the
-16x / 64x widened dense (so ~5.5 s at 128x); about 13 CPU-hours in all (docs/studies.md).
+F=512, 800 steps (2x width, 2x tokens), 3 seeds, at the LRs swept at the small scale (no budget
+for a sweep of its own: a limitation). Why 400 steps and not the first design's 200, and the
+cost: docs/studies.md#sizes-and-cost.
 
 Arms and why:
 - ``dense``: the same decoder without experts (active-parameter baseline, also the source of the
@@ -25,16 +24,21 @@ Arms and why:
 - ``dense_wide_E{E}``: the sparse blocks' FFN widened to E x F, so total parameters equal the MoE
   arm's (the parameter-matched dense upper bound; E x the active FLOPs of those blocks).
 - ``switch_top1_E{E}``: the tuned baseline: Switch top-1, dropless (no capacity at train or
-  eval), aux loss 0.01, z-loss 0.001, straight-through combine weight p / p.detach() of value 1
-  (megamoe's default, RUCAIBox/MPO's SwitchFFN). ``switch_top2_E{E}``: top-2 dropless,
-  renormalised (Mixtral). ``switch_cap1.25_E{E}``: top-1 at capacity 1.25 in training AND
-  evaluation (the 2026-12-02 study trained at 1.25 and evaluated at 2.0).
+  eval), aux loss 0.01, z-loss 0.001, the Switch Transformer's combine weight p (the expert's
+  output scaled by its router probability). ``switch_st_E{E}`` (E=16, 64): megamoe's default
+  straight-through weight p / p.detach() of value 1 (RUCAIBox/MPO's SwitchFFN) instead; a
+  one-seed pilot at E=16 and 800 steps had it 0.052 nats worse on valid, so the baseline uses p
+  and this arm measures the gap. ``switch_top2_E{E}``: top-2 dropless, renormalised (Mixtral).
+  ``switch_cap1.25_E{E}``: top-1 at capacity 1.25 in training AND evaluation (the 2026-12-02
+  study trained at 1.25 and evaluated at 2.0).
 - ``hash_balanced`` / ``hash_random``: the paper's two best hashes of the current token.
 - E=64 ablations: position (our control: expect it near dense), previous-token, bigram,
   clustered and dispersed (k-means of the seed's ``dense`` embeddings), MultiHash N=4 (random and
   balanced), and oracle-future (routes by the label: analysis only, not a method; no verdict).
-- LR: each family (dense, dense_wide, switch, hash) takes the best of 1e-3 / 3e-3 / 9e-3 on valid
-  at one seed of its own, swept at E=16.
+- LR: each family (dense, dense_wide, switch, hash) takes the best of 1.5e-3 / 3e-3 / 6e-3 on
+  valid at one seed of its own, swept at E=16 (at 200 steps every family chose 3e-3 of 1e-3 / 3e-3
+  / 9e-3, and 9e-3 was far worse).
+- Widened dense: 3 seeds at every E (the costliest arms, and a bound rather than a headline).
 
 The paper's figures (pushshift.io Reddit, ParlAI): Switch vs Hash validation perplexity 24.00 /
 24.00 at 16 experts and 23.65 / 23.16 at 64 (hash ties at 16, wins by ~2 % at 64).
@@ -50,13 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import COUNTS, DATA, SPLIT, Arm, Study, main  # noqa: E402
 
 D, F, LAYERS = 128, 256, [1, 3]
+STEPS = 400  # 819,200 tokens; why not 200: docs/studies.md#sizes-and-cost
 
 BASE = [
     "model.vocab_size=8000", f"model.hidden_size={D}", "model.num_layers=4", "model.num_heads=4",
     f"model.ffn_hidden_size={F}", "model.max_position_embeddings=128", "model.tie_embeddings=true",
     f"data.data_path=[{DATA}]", f"data.split={SPLIT}", "data.seq_length=128",
-    "train.micro_batch_size=16", "train.global_batch_size=16", "train.train_steps=200",
-    "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup_steps=20", "train.lr_decay=cosine",
+    "train.micro_batch_size=16", "train.global_batch_size=16", f"train.train_steps={STEPS}",
+    "train.lr=2e-3", "train.min_lr=2e-4", f"train.warmup_steps={STEPS // 10}", "train.lr_decay=cosine",
     "train.weight_decay=0.1", "train.precision=fp32", "train.zero_stage=1",
     "train.eval_interval=0", "train.eval_iters=32", "train.log_interval=1",
 ]
@@ -65,14 +70,15 @@ QUICK = ["model.hidden_size=32", "model.num_heads=2", "model.ffn_hidden_size=64"
          "train.train_steps=6", "train.warmup_steps=1", "train.eval_iters=2"]
 
 LADDER, HEADLINE = (8, 16, 32, 64, 128), (16, 64)
-LR_GRID = (1e-3, 3e-3, 9e-3)
+LR_GRID = (1.5e-3, 3e-3, 6e-3)  # at 200 steps every family chose 3e-3 of 1e-3/3e-3/9e-3: refined around it
 SHORT = 3  # seeds outside the headline groups
-LARGE = ["model.hidden_size=256", "model.num_heads=8", "model.ffn_hidden_size=512", "train.train_steps=400",
-         "train.warmup_steps=40"]
+LARGE = ["model.hidden_size=256", "model.num_heads=8", "model.ffn_hidden_size=512",
+         f"train.train_steps={2 * STEPS}", f"train.warmup_steps={2 * STEPS // 10}"]
 
-# dropless Switch (no capacity in training or evaluation), megamoe's default combine weight
+# dropless Switch (no capacity in training or evaluation), the Switch Transformer's combine weight p
+# (chosen on valid over megamoe's default straight-through: docs/studies.md#sizes-and-cost)
 SWITCH = ["moe.router.top_k=1", "moe.router.capacity_factor=0", "moe.router.eval_capacity_factor=0",
-          "moe.router.aux_loss_coef=0.01", "moe.router.z_loss_coef=0.001", "moe.router.combine=straight_through"]
+          "moe.router.aux_loss_coef=0.01", "moe.router.z_loss_coef=0.001", "moe.router.combine=prob"]
 
 
 def _moe(E: int, hashed: bool) -> list[str]:
@@ -113,7 +119,7 @@ def arms() -> list[Arm]:
         g, n = f"E={E}", (0 if E in HEADLINE else SHORT)
         out += [
             Arm(f"dense_wide_E{E}", _wide(E), group=g, note=f"blocks 1,3: one FFN of width {E}x{F}",
-                family="dense_wide", seeds=n),
+                family="dense_wide", seeds=SHORT),  # a bound, not a headline arm: 3 seeds (it is the costliest)
             Arm(f"switch_top1_E{E}", _moe(E, False) + SWITCH, group=g, family="switch", seeds=n, note="dropless"),
         ]
         if E in HEADLINE:
@@ -123,6 +129,8 @@ def arms() -> list[Arm]:
                 Arm(f"switch_cap1.25_E{E}", _moe(E, False) + SWITCH + ["moe.router.capacity_factor=1.25",
                                                                        "moe.router.eval_capacity_factor=1.25"],
                     group=g, family="switch", note="capacity 1.25 in training and eval"),
+                Arm(f"switch_st_E{E}", _moe(E, False) + SWITCH + ["moe.router.combine=straight_through"],
+                    group=g, family="switch", seeds=SHORT, note="megamoe's default combine weight"),
             ]
         out += [Arm(f"hash_balanced_E{E}", _hash(E, "balanced"), group=g, family="hash", seeds=n),
                 Arm(f"hash_random_E{E}", _hash(E, "random"), group=g, family="hash", seeds=n)]

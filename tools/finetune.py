@@ -76,17 +76,6 @@ MARGIN = 0.01  # equivalence margin of a "tie", task-average accuracy
 POOL_DESC = {"mean": "mean of the real tokens' final states", "last": "last real token's final state"}
 
 
-def default_arms(T: int, cfg) -> str:
-    """The same-task suite: the recipe arms (lr chosen on validation), C-Poly against Poly and a
-    private LoRA per task at equal adapter parameters, and the papers' own settings."""
-    S, r = cfg.num_skills, cfg.rank
-    private_rank = r * (S + T) // T  # C-Poly = (S + T) modules of rank r per projection
-    return ",".join(["head", "lora:rank=16", "poly", "cpoly", "tensorpoly1", "tensorpoly2", "mta", "mta_one",
-                     f"poly:num_skills={S + T}", f"cpoly:num_skills=0/rank={private_rank}",
-                     f"poly:{PAPER}", f"cpoly:{PAPER}", f"tensorpoly1:{PAPER}/relaxed_bernoulli=false",
-                     f"tensorpoly2:{PAPER}/relaxed_bernoulli=false"])
-
-
 def equal_size_arms(T: int, cfg) -> tuple[str, str]:
     """Poly and a private LoRA per task with C-Poly's adapter parameters: C-Poly holds S shared +
     T private rank-r modules per projection, so Poly gets S + T skills and the private LoRA rank
@@ -418,7 +407,8 @@ def main(argv=None):
         adapter_cfg = AdapterConfig(target_modules=args.targets.split(","), rank=args.rank, **extra)
     except TypeError as e:
         raise UserError(f"--set: {e}") from None
-    arms = [a for a in (args.arms or default_arms(len(tasks), adapter_cfg)).split(",") if a]
+    arms = [a for a in (args.arms or (TRANSFER_ARMS if transfer else default_arms(len(tasks), adapter_cfg))).split(",")
+            if a]
     for a in arms:
         parse_method(split_lr(a)[0].removesuffix("+skills"))
     if args.save and (len(arms), len(sizes), len(seeds)) != (1, 1, 1):

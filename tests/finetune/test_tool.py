@@ -210,3 +210,16 @@ def torch_equal(a, b):
     import torch
 
     return a.shape == b.shape and torch.equal(a, b)
+
+
+def test_transfer_suite_defaults_to_the_transfer_arms(setup):
+    """Without --arms, --transfer runs the skills arms and their baselines (TRANSFER_ARMS), not the
+    same-task suite: a suite without ``+skills`` arms has no transfer claim to judge."""
+    tmp, spm, ckpt = setup
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--base", str(ckpt), "--transfer", "count", "--tasks", "order,count", "--task-dir",
+                   str(tmp / "tasks"), "--tokenizer", str(spm), "--seq-len", "12", "--cache", str(tmp / "cache_r"),
+                   "--report", "--out", str(tmp / "res" / "defaults")])
+    assert e.value.code == 0
+    res = json.loads((tmp / "res" / "defaults.json").read_text())
+    assert res["arms"] == tool.TRANSFER_ARMS.split(",") and not res["complete"]

@@ -73,6 +73,28 @@ def test_quick_study_end_to_end_and_resumable(script, tmp_path):
     assert cached() == before
 
 
+def test_two_processes_split_a_study_without_repeating_a_run(tmp_path):
+    """The same command in two processes (one per core): each claims a run before training it,
+    so the LR sweep and the seeds are trained once between them, and --report-only then has
+    every row."""
+    if not (ROOT / "data" / "corpus_text_document.idx").is_file():
+        pytest.skip("needs the corpus: run `make data`")
+    out = tmp_path / "routing"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "tools" / "experiments" / "routing.py"), "--quick", "--only", "dense",
+           "--out", str(out)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    trained = sum(log.count("steps    0 -> ") for log in logs)
+    assert trained == 2 + 2, trained  # the dense family's sweep (--quick: the grid's two ends), seeds 0 and 1
+    p = _run("routing.py", out, "--only", "dense", "--report-only")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [(r["arm"], r["seeds"]) for r in rows] == [("dense", 2)]
+
+
 @pytest.mark.parametrize("script", sorted(SUBSETS))
 def test_every_arm_resolves_to_a_valid_config(script):
     """Every arm's overrides (at both sizes, any LR of the grid) make a config the loader

@@ -17,6 +17,13 @@ best of routing's grid on valid at a seed of its own:
 The z-loss (0.001) stays on in every arm. ``max/mean load`` is the busiest expert's share of the
 routed tokens over the mean share, before capacity drops: 1 is perfect balance.
 
+Router losses without drops (issue 31: does the learned router lose to dense because of its
+losses?), dropless E=16, against routing's baseline (``switch_top1_E16``: aux 0.01, z 0.001):
+- ``dropless_aux_E16``: that baseline, rerun here so the comparison is paired within one study;
+- ``dropless_no_losses_E16``: no aux loss, no z-loss (the MPOE official code's router);
+- ``dropless_bias_E16``: the expert bias instead of the aux loss, z-loss kept.
+They take the Switch family's LR (swept on ``aux_E16``: the same router, only drops differ).
+
 Hash-MoE (DeepSeek-V4, megamoe/moe/hash_moe.py) against the Hash Layers paper's hash layer at
 E=64, balanced tables, equal active parameters:
 - ``hash_layer_E64``: top-1 by the token id, weight 1 (routing's ``hash_balanced_E64``);
@@ -53,6 +60,15 @@ def arms() -> list[Arm]:
                 family="switch"),
             Arm(f"aux_bias_E{E}", switch + bias, group=g, note="both", family="switch"),
         ]
+    dropless = _moe(16, False) + SWITCH
+    g = "router losses, dropless E=16"
+    out += [
+        Arm("dropless_aux_E16", dropless, group=g, note="routing's baseline", family="switch"),
+        Arm("dropless_no_losses_E16", dropless + ["moe.router.aux_loss_coef=0", "moe.router.z_loss_coef=0"], group=g,
+            note="no aux, no z", family="switch"),
+        Arm("dropless_bias_E16", dropless + ["moe.router.aux_loss_coef=0", f"moe.router.expert_bias_rate={BIAS_RATE}"],
+            group=g, note=f"bias rate {BIAS_RATE}, z kept", family="switch"),
+    ]
     hash_moe = _moe(64, False) + ["moe.hash_moe.layers=2", "moe.hash_moe.variant=balanced",
                                   f"moe.hash_moe.counts_file={COUNTS}", "moe.router.top_k=2",
                                   "moe.router.scoring=sqrtsoftplus", "moe.router.capacity_factor=1.25",
@@ -70,7 +86,8 @@ def arms() -> list[Arm]:
 
 
 STUDY = Study(name="balance", base_overrides=BASE, quick_overrides=QUICK, arms=arms(), seeds=3,
-              reference={"E=16": "aux_E16", "E=64": "aux_E64", "hash-MoE vs hash layer, E=64": "hash_layer_E64"},
+              reference={"E=16": "aux_E16", "E=64": "aux_E64", "router losses, dropless E=16": "dropless_aux_E16",
+                         "hash-MoE vs hash layer, E=64": "hash_layer_E64"},
               lr_sweep={"switch": "aux_E16", "hash": "hash_layer_E64"}, lr_grid=LR_GRID,
               describe=__doc__.split("\n\n")[0])
 

@@ -1,0 +1,203 @@
+"""The papers' claims against the studies' caches (issue 31): each one reproduced, not reproduced
+or not resolved at this scale, with its paired interval. Trains nothing; reads only results made
+by today's code and config: a claim is "pending" until every arm in it has all its planned seeds
+current, so no word is read off a half-finished study.
+
+    python tools/experiments/claims.py           # results/experiments/claims.md and claims.json
+    python tools/experiments/claims.py --quick   # from the --quick caches (toy size: not a result)
+
+Each claim is a paired test-loss comparison over the seeds every arm in it ran: ``a - b`` per seed,
+or a difference of two gaps ``(a - b) - (c - d)`` ("the gap grows"). The claims are one family:
+megamoe.stats.verdicts with Holm over them, at the studies' ±0.01-nat equivalence margin, so the
+same pair can carry a different adjusted p here than in its study's table (a different family).
+The verdict word becomes a claim word by what the paper predicts (:func:`claim_word`):
+
+- predicts "tie": tie -> reproduced; better or worse -> not reproduced;
+- predicts "better" (lower loss): better -> reproduced; tie or worse -> not reproduced;
+- predicts "not worse": better or tie -> reproduced; worse -> not reproduced;
+- anything else -> not resolved. A claim is never rounded up from "not resolved".
+
+The claims' numbers: the Hash Layers figure (ParlAI ``projects/params_vs_compute/figs``, read off
+in ../shared/design/official-code.md), the paper's direction for its ablations (methods.md), the
+MPOE abstract ("27.2x reduction in total parameters"), and DeepSeek-V3's ablation of its
+auxiliary-loss-free balancing (arXiv 2412.19437, sections 2.1.2 and 4.5.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, Study, arm_overrides, load_records, stale_reason  # noqa: E402
+
+PREDICTIONS = ("tie", "better", "not worse")
+CLAIM_WORDS = ("reproduced", "not reproduced", "not resolved", "pending")
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    paper: str
+    says: str  # the claim, with the paper's number
+    predicts: str  # what the paper predicts for a - b (or the gap difference): one of PREDICTIONS
+    study: str
+    a: str
+    b: str
+    c: str = ""  # with d: the claim is about (a - b) - (c - d)
+    d: str = ""
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return tuple(x for x in (self.a, self.b, self.c, self.d) if x)
+
+
+HASH = "Hash Layers (Roller et al. 2021)"
+CLAIMS = (
+    Claim("hash_ties_switch_E16", HASH, "balanced hash ties Switch at 16 experts (24.00 vs 24.00 ppl)",
+          "tie", "routing", "hash_balanced_E16", "switch_top1_E16"),
+    Claim("hash_beats_switch_E64", HASH, "hash beats Switch at 64 experts (23.16 vs 23.65 ppl, -0.021 nats)",
+          "better", "routing", "hash_balanced_E64", "switch_top1_E64"),
+    Claim("hash_beats_switch_E128", HASH, "hash beats Switch at 128 experts (22.89 vs 23.51 ppl, -0.027 nats)",
+          "better", "routing", "hash_balanced_E128", "switch_top1_E128"),
+    Claim("hash_gap_grows_16_to_64", HASH, "hash's lead over Switch grows from 16 to 64 experts (0 to -0.021 nats)",
+          "better", "routing", "hash_balanced_E64", "switch_top1_E64", "hash_balanced_E16", "switch_top1_E16"),
+    Claim("random_hash_beats_switch_E64", HASH, "random hash beats Switch at 64 experts (direction)",
+          "better", "routing", "hash_random_E64", "switch_top1_E64"),
+    Claim("balanced_not_worse_than_random_E64", HASH, "balanced is the best hash: not worse than random at 64",
+          "not worse", "routing", "hash_balanced_E64", "hash_random_E64"),
+    Claim("position_hash_ties_dense", HASH, "a position hash is about as good as dense (a control)",
+          "tie", "routing", "hash_position_E64", "dense"),
+    Claim("oracle_hash_beats_balanced", HASH, "routing by the next token (oracle) is far below every hash",
+          "better", "routing", "hash_oracle_future_E64", "hash_balanced_E64"),
+    Claim("mpo_matches_switch_at_27x", "MPOE (Gao et al. 2022)",
+          "MPO experts match or beat Switch with 27.2x fewer total parameters (here 28x: E=256, bond 4)",
+          "not worse", "mpoe", "mpo_b4_E256", "switch_E256"),
+    Claim("expert_bias_beats_aux_loss", "DeepSeek-V3 (2024)",
+          "the aux-loss-free expert bias gives a better model than the aux loss (dropless, E=16)",
+          "better", "balance", "dropless_bias_E16", "dropless_aux_E16"),
+)
+
+
+def claim_word(predicts: str, verdict_word: str) -> str:
+    """The claim word for a verdict word of megamoe.stats (better / worse / tie / not resolved)."""
+    if predicts not in PREDICTIONS:
+        raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
+    if verdict_word == "not resolved":
+        return "not resolved"
+    holds = {"tie": ("tie",), "better": ("better",), "not worse": ("better", "tie")}[predicts]
+    return "reproduced" if verdict_word in holds else "not reproduced"
+
+
+def current_losses(study_name: str, quick: bool) -> tuple[dict[tuple[str, int], float], dict[str, int]]:
+    """{(arm, seed): test loss} of the study's cached results made by today's code and config, and
+    {arm: seeds the study plans for it} (as its run_study counts them: --quick runs 2)."""
+    study = importlib.import_module(study_name).STUDY
+    seeds = 2 if quick else study.seeds
+    planned = {a.name: min(seeds, a.seeds or seeds) for a in study.arms}
+    out = ROOT / "results" / "experiments" / (study_name + ("-quick" if quick else ""))
+    arms = {a.name: a for a in study.arms}
+    losses = {}
+    for rec in load_records(out) if out.is_dir() else []:
+        arm = arms.get(rec["arm"])
+        if arm is None or "test_lm_loss" not in rec:
+            continue
+        if not stale_reason(rec, arm_overrides(study, arm, rec["seed"], quick, out)):
+            losses[(rec["arm"], rec["seed"])] = rec["test_lm_loss"]
+    return losses, planned
+
+
+def paired_diffs(claim: Claim, losses: dict[tuple[str, int], float]) -> list[float]:
+    """Per-seed a - b (or (a - b) - (c - d)) over the seeds every arm of the claim has."""
+    seeds = sorted(set.intersection(*({s for (a, s) in losses if a == arm} for arm in claim.arms)))
+    out = []
+    for s in seeds:
+        d = losses[(claim.a, s)] - losses[(claim.b, s)]
+        if claim.c:
+            d -= losses[(claim.c, s)] - losses[(claim.d, s)]
+        out.append(d)
+    return out
+
+
+def assess(claims, by_study: dict, margin: float = Study.margin) -> list[dict]:
+    """One row per claim: its claim word and the paired interval. ``by_study``: {study: (losses,
+    planned)} as :func:`current_losses` returns them. A claim whose arms lack planned seeds is
+    "pending" and stays out of Holm's family (the family is the claims that can be tested)."""
+    from megamoe.stats import verdicts
+
+    def complete(c: Claim) -> bool:
+        losses, planned = by_study.get(c.study, ({}, {}))
+        return all(sum(1 for (a, _) in losses if a == arm) >= max(2, planned.get(arm, 2)) for arm in c.arms)
+
+    diffs = {c.name: paired_diffs(c, by_study.get(c.study, ({}, {}))[0]) for c in claims}
+    tested = {c.name: diffs[c.name] for c in claims if complete(c) and len(diffs[c.name]) >= 2}
+    vs = verdicts(tested, margin=margin) if tested else {}
+    rows = []
+    for c in claims:
+        row = {**asdict(c), "seeds": len(diffs[c.name])}
+        v = vs.get(c.name)
+        if v is None:
+            row["claim"] = "pending"
+        else:
+            row.update(claim=claim_word(c.predicts, v.word), verdict=v.word, mean=v.mean, lo=v.lo, hi=v.hi,
+                       p_holm=v.p_adj, p_tost_holm=v.p_tost_adj)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], prov: dict, quick: bool, margin: float) -> str:
+    from megamoe.provenance import markdown_header
+
+    m = sum(1 for r in rows if r["claim"] != "pending")
+    lines = [f"# The papers' claims at this scale{' (--quick, toy size: not a result)' if quick else ''}", "",
+             markdown_header(prov) + "Each claim is a paired test-loss difference over seeds (a - b, or "
+             "(a - b) - (c - d) for a growing gap; negative: a is better), with its 95 % t-interval. "
+             f"`p (Holm)` is adjusted over the {m} tested claims; the verdict is megamoe.stats' "
+             f"(tie: the Holm-adjusted TOST at ±{margin} nats passes), and the claim word follows from "
+             "what the paper predicts (tools/experiments/claims.py). `pending`: an arm of the claim has not "
+             "run all its seeds with today's code (`seeds`: those paired so far). The studies' tables: results/experiments/<study>/summary.md.", "",
+             "| paper | claim | study | comparison | predicts | seeds | Δ test loss [95% CI] | p (Holm) | verdict | "
+             "at this scale |", "|" + "---|" * 10]
+    for r in rows:
+        comp = f"{r['a']} - {r['b']}" + (f" - ({r['c']} - {r['d']})" if r["c"] else "")
+        if r["claim"] == "pending":
+            delta = p = verdict = ""
+        else:
+            ci = "" if math.isnan(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]"
+            delta, p, verdict = f"{r['mean']:+.4f}{ci}", f"{r['p_holm']:.3g}", r["verdict"]
+        lines.append(f"| {r['paper']} | {r['says']} | {r['study']} | {comp} | {r['predicts']} | {r['seeds']} | "
+                     f"{delta} | {p} | {verdict} | **{r['claim']}** |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from megamoe.provenance import provenance
+    from megamoe.utils import atomic_write_text, print0
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="read the --quick caches (toy size: not a result)")
+    args = p.parse_args(argv)
+    losses = {s: current_losses(s, args.quick) for s in dict.fromkeys(c.study for c in CLAIMS)}
+    margin = Study.margin  # the studies' own equivalence margin
+    rows = assess(CLAIMS, losses, margin)
+    prov = provenance("python tools/experiments/claims.py" + (" --quick" if args.quick else ""))
+    out = ROOT / "results" / "experiments" / ("claims-quick" if args.quick else "claims")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({**prov, "margin": margin, "claims": rows}, indent=1) + "\n")
+    md = markdown(rows, prov, args.quick, margin)
+    atomic_write_text(out.with_suffix(".md"), md)
+    print0(md)
+    print0(f"wrote {out}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    from megamoe.errors import cli_main
+
+    cli_main(main)()

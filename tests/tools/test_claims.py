@@ -83,3 +83,34 @@ def test_only_current_results_count_and_the_page_is_written(tmp_path, monkeypatc
     assert "toy size: not a result" in page and "python tools/experiments/claims.py --quick" in page
     assert {r["claim"] for r in data["claims"]} == {"pending"}  # one stale seed keeps the bias claim pending
     assert not list((tmp_path / "results" / "experiments").glob("*.tmp*"))
+
+
+def test_the_scale_table_is_the_change_of_each_gap_in_its_own_family():
+    """The scale question: (a_L - b_L) - (a - b) per seed, each gap alone over its own seeds, a
+    Holm family apart from the papers' claims, and words that say which arm the change favours."""
+    import claims
+    from megamoe.stats import paired_interval, verdicts
+
+    C = claims.Claim
+    qs = [C("grows", "", "x - y", "", "s", "xL", "yL", "x", "y"), C("same", "", "u - v", "", "s", "uL", "vL", "u", "v")]
+    noise = [0.002, -0.002, 0.001, -0.001, 0.0]
+    losses = {}
+    for s, e in enumerate(noise):  # x - y is -0.1 small; xL - yL is -0.3 large (3 seeds); u - v is 0 at both
+        losses.update({("x", s): 4.9 + e, ("y", s): 5.0, ("u", s): 5.0 + e, ("v", s): 5.0})
+        if s < 3:
+            losses.update({("xL", s): 4.7 + e / 2, ("yL", s): 5.0, ("uL", s): 5.0 + e / 2, ("vL", s): 5.0})
+    planned = {"x": 5, "y": 5, "u": 5, "v": 5, "xL": 3, "yL": 3, "uL": 3, "vL": 3}
+    rows = {r["name"]: r for r in claims.assess(qs, {"s": (losses, planned)})}
+
+    assert rows["grows"]["seeds"] == 3 and rows["grows"]["claim"] == "moves toward a"
+    assert rows["grows"]["gap_cd"]["seeds"] == 5 and rows["grows"]["gap_ab"]["seeds"] == 3
+    assert rows["grows"]["gap_cd"]["mean"] == pytest.approx(paired_interval([4.9 + e - 5.0 for e in noise]).mean)
+    assert rows["grows"]["mean"] == pytest.approx(-0.2, abs=1e-3)
+    assert rows["same"]["claim"] == "unchanged"
+    changes = {"grows": [-0.2 - noise[s] / 2 for s in range(3)],
+               "same": [noise[s] / 2 - noise[s] for s in range(3)]}
+    ref = verdicts(changes, margin=0.01)
+    assert rows["same"]["p_holm"] == pytest.approx(ref["same"].p_adj)
+    prov = {"command": "c", "commit": "abc", "machine": "m", "date": "d"}
+    page = claims.markdown([], prov, False, 0.01, list(rows.values()))
+    assert "## How the gaps change with scale" in page and "**moves toward a**" in page

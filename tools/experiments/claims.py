@@ -17,6 +17,10 @@ The verdict word becomes a claim word by what the paper predicts (:func:`claim_w
 - predicts "not worse": better or tie -> reproduced; worse -> not reproduced;
 - anything else -> not resolved. A claim is never rounded up from "not resolved".
 
+The page's second table answers issue 31's scale question, which no paper predicts: for hash -
+Switch, Switch - dense and hash - dense at E=16 and 64, the gap at each scale and its change from
+the small model to the large one ((a_L - b_L) - (a - b)), Holm over those changes alone.
+
 The claims' numbers: the Hash Layers figure (ParlAI ``projects/params_vs_compute/figs``, read off
 in ../shared/design/official-code.md), the paper's direction for its ablations (methods.md), the
 MPOE abstract ("27.2x reduction in total parameters"), and DeepSeek-V3's ablation of its
@@ -84,9 +88,23 @@ CLAIMS = (
           "better", "balance", "dropless_bias_E16", "dropless_aux_E16"),
 )
 
+# Issue 31's scale question, not a paper's claim (no prediction): does a gap a - b grow or shrink
+# from the small model (D=128, 400 steps) to the large one (2x width, 2x tokens)? Each is the
+# paired change (a_L - b_L) - (a - b), its own Holm family.
+SCALE_PAIRS = (("hash_balanced", "switch_top1"), ("switch_top1", "dense"), ("hash_balanced", "dense"))
+SCALE = tuple(
+    Claim(f"{a}_vs_{b}_E{E}", "", f"{a} - {b} at E={E}", "", "routing",
+          f"{a}_L_E{E}", "dense_L" if b == "dense" else f"{b}_L_E{E}", f"{a}_E{E}", "dense" if b == "dense" else f"{b}_E{E}")
+    for E in (16, 64) for a, b in SCALE_PAIRS)
+# "better": the change is negative, so a's lead over b is larger (or its deficit smaller) at scale
+SCALE_WORDS = {"better": "moves toward a", "worse": "moves toward b", "tie": "unchanged", "not resolved": "not resolved"}
+
 
 def claim_word(predicts: str, verdict_word: str) -> str:
-    """The claim word for a verdict word of megamoe.stats (better / worse / tie / not resolved)."""
+    """The claim word for a verdict word of megamoe.stats (better / worse / tie / not resolved);
+    no prediction (a scale question): how the gap moves (:data:`SCALE_WORDS`)."""
+    if not predicts:
+        return SCALE_WORDS[verdict_word]
     if predicts not in PREDICTIONS:
         raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
     if verdict_word == "not resolved":
@@ -129,7 +147,7 @@ def assess(claims, by_study: dict, margin: float = Study.margin) -> list[dict]:
     """One row per claim: its claim word and the paired interval. ``by_study``: {study: (losses,
     planned)} as :func:`current_losses` returns them. A claim whose arms lack planned seeds is
     "pending" and stays out of Holm's family (the family is the claims that can be tested)."""
-    from megamoe.stats import verdicts
+    from megamoe.stats import paired_interval, verdicts
 
     def complete(c: Claim) -> bool:
         losses, planned = by_study.get(c.study, ({}, {}))
@@ -147,11 +165,40 @@ def assess(claims, by_study: dict, margin: float = Study.margin) -> list[dict]:
         else:
             row.update(claim=claim_word(c.predicts, v.word), verdict=v.word, mean=v.mean, lo=v.lo, hi=v.hi,
                        p_holm=v.p_adj, p_tost_holm=v.p_tost_adj)
+        if c.c:  # each gap alone, over all its seeds: a - b, c - d
+            losses = by_study.get(c.study, ({}, {}))[0]
+            for key, (x, y) in (("gap_ab", (c.a, c.b)), ("gap_cd", (c.c, c.d))):
+                d = paired_diffs(Claim("", "", "", "", c.study, x, y), losses)
+                if len(d) >= 2:
+                    i = paired_interval(d)
+                    row[key] = {"mean": i.mean, "lo": i.lo, "hi": i.hi, "seeds": i.n}
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], prov: dict, quick: bool, margin: float) -> str:
+def _ci(r: dict) -> str:
+    return f"{r['mean']:+.4f}" + ("" if math.isnan(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]")
+
+
+def scale_markdown(rows: list[dict], margin: float) -> list[str]:
+    m = sum(1 for r in rows if r["claim"] != "pending")
+    lines = ["", "## How the gaps change with scale", "",
+             "Not a paper's claim: issue 31 asks whether the gaps grow or shrink from the small model (D=128, "
+             "400 steps) to the large one (D=256, 800 steps, the small scale's LRs). Each gap is a paired "
+             "test-loss difference over its own seeds; the change is (a - b) at the large scale minus (a - b) "
+             f"at the small one over the seeds both ran, Holm over these {m} changes (a family of its own); "
+             f"`unchanged`: the TOST at ±{margin} nats passes; `moves toward a`: a's lead grows or its "
+             "deficit shrinks.", "",
+             "| comparison | small: a - b [95% CI] | large: a - b [95% CI] | seeds | change [95% CI] | p (Holm) | "
+             "with scale |", "|" + "---|" * 7]
+    for r in rows:
+        small, large = (_ci(r[k]) if k in r else "" for k in ("gap_cd", "gap_ab"))
+        change, p = ("", "") if r["claim"] == "pending" else (_ci(r), f"{r['p_holm']:.3g}")
+        lines.append(f"| {r['says']} | {small} | {large} | {r['seeds']} | {change} | {p} | **{r['claim']}** |")
+    return lines
+
+
+def markdown(rows: list[dict], prov: dict, quick: bool, margin: float, scale: list[dict] = ()) -> str:
     from megamoe.provenance import markdown_header
 
     m = sum(1 for r in rows if r["claim"] != "pending")
@@ -166,13 +213,11 @@ def markdown(rows: list[dict], prov: dict, quick: bool, margin: float) -> str:
              "at this scale |", "|" + "---|" * 10]
     for r in rows:
         comp = f"{r['a']} - {r['b']}" + (f" - ({r['c']} - {r['d']})" if r["c"] else "")
-        if r["claim"] == "pending":
-            delta = p = verdict = ""
-        else:
-            ci = "" if math.isnan(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]"
-            delta, p, verdict = f"{r['mean']:+.4f}{ci}", f"{r['p_holm']:.3g}", r["verdict"]
+        delta, p, verdict = ("", "", "") if r["claim"] == "pending" else (_ci(r), f"{r['p_holm']:.3g}", r["verdict"])
         lines.append(f"| {r['paper']} | {r['says']} | {r['study']} | {comp} | {r['predicts']} | {r['seeds']} | "
                      f"{delta} | {p} | {verdict} | **{r['claim']}** |")
+    if scale:
+        lines += scale_markdown(scale, margin)
     return "\n".join(lines) + "\n"
 
 
@@ -186,11 +231,12 @@ def main(argv=None) -> int:
     losses = {s: current_losses(s, args.quick) for s in dict.fromkeys(c.study for c in CLAIMS)}
     margin = Study.margin  # the studies' own equivalence margin
     rows = assess(CLAIMS, losses, margin)
+    scale = assess(SCALE, losses, margin)
     prov = provenance("python tools/experiments/claims.py" + (" --quick" if args.quick else ""))
     out = ROOT / "results" / "experiments" / ("claims-quick" if args.quick else "claims")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({**prov, "margin": margin, "claims": rows}, indent=1) + "\n")
-    md = markdown(rows, prov, args.quick, margin)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({**prov, "margin": margin, "claims": rows, "scale": scale}, indent=1) + "\n")
+    md = markdown(rows, prov, args.quick, margin, scale)
     atomic_write_text(out.with_suffix(".md"), md)
     print0(md)
     print0(f"wrote {out}.md and .json")

@@ -114,3 +114,30 @@ def test_the_scale_table_is_the_change_of_each_gap_in_its_own_family():
     prov = {"command": "c", "commit": "abc", "machine": "m", "date": "d"}
     page = claims.markdown([], prov, False, 0.01, list(rows.values()))
     assert "## How the gaps change with scale" in page and "**moves toward a**" in page
+
+
+def test_the_cost_counts_current_runs_and_sweeps_against_the_budget(tmp_path, monkeypatch):
+    """The suite's cost is summed from the current results' and LR sweeps' wall_s (a stale run
+    is not counted), and the page says whether it fits issue 31's 12 hours on 2 cores."""
+    import claims
+
+    monkeypatch.setattr(claims, "ROOT", tmp_path)
+    monkeypatch.setattr(claims, "stale_reason", lambda rec, overrides: "" if rec["made_by"] == "today" else "code changed")
+    out = tmp_path / "results" / "experiments" / "balance-quick"
+    for seed, made_by in ((0, "today"), (1, "today"), (2, "yesterday")):
+        (out / "aux_E16").mkdir(parents=True, exist_ok=True)
+        (out / "aux_E16" / f"seed{seed}.json").write_text(json.dumps(
+            {"arm": "aux_E16", "seed": seed, "test_lm_loss": 5.0, "wall_s": 1800.0, "made_by": made_by}))
+    study = claims.importlib.import_module("balance").STUDY
+    family = next(iter(study.lr_sweep))
+    (out / "lr_sweep" / family).mkdir(parents=True)
+    for lr in study.lr_grid:
+        (out / "lr_sweep" / family / f"lr{lr:g}.json").write_text(json.dumps({"wall_s": 600.0, "valid_lm_loss": 5.0 + lr, "made_by": "today"}))
+
+    cost = claims.compute("balance", quick=True)
+    assert cost == {"study": "balance", "runs": 2, "sweep_runs": len(study.lr_grid),
+                    "cpu_hours": pytest.approx(1.0 + len(study.lr_grid) / 6)}
+    within = "\n".join(claims.compute_markdown([cost]))
+    assert "| all | 2 |" in within and "within issue 31's 12-hour budget" in within
+    over = "\n".join(claims.compute_markdown([dict(cost, cpu_hours=30.0)]))
+    assert "15.0 hours as 2 single-threaded processes" in over and "over issue 31's" in over

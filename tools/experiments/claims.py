@@ -19,7 +19,9 @@ The verdict word becomes a claim word by what the paper predicts (:func:`claim_w
 
 The page's second table answers issue 31's scale question, which no paper predicts: for hash -
 Switch, Switch - dense and hash - dense at E=16 and 64, the gap at each scale and its change from
-the small model to the large one ((a_L - b_L) - (a - b)), Holm over those changes alone.
+the small model to the large one ((a_L - b_L) - (a - b)), Holm over those changes alone. The
+third says what the suite cost: the CPU-hours of the current results and LR sweeps of each study,
+against the issue's budget of 12 hours on 2 cores.
 
 The claims' numbers: the Hash Layers figure (ParlAI ``projects/params_vs_compute/figs``, read off
 in ../shared/design/official-code.md), the paper's direction for its ablations (methods.md), the
@@ -39,7 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Study, arm_overrides, load_records, stale_reason  # noqa: E402
+from common import (ROOT, SWEEP_SEED, Study, _sweep_arm, arm_overrides, declared, load_records,  # noqa: E402
+                    stale_reason, sweep_records)
 
 PREDICTIONS = ("tie", "better", "not worse")
 CLAIM_WORDS = ("reproduced", "not reproduced", "not resolved", "pending")
@@ -113,22 +116,40 @@ def claim_word(predicts: str, verdict_word: str) -> str:
     return "reproduced" if verdict_word in holds else "not reproduced"
 
 
+def _cache(study_name: str, quick: bool) -> Path:
+    return ROOT / "results" / "experiments" / (study_name + ("-quick" if quick else ""))
+
+
+def current_records(study_name: str, quick: bool) -> list[dict]:
+    """The study's cached (arm, seed) results made by today's code and config."""
+    study = importlib.import_module(study_name).STUDY
+    out = _cache(study_name, quick)
+    arms = {a.name: a for a in study.arms}
+    return [rec for rec in (load_records(out) if out.is_dir() else [])
+            if rec["arm"] in arms and "test_lm_loss" in rec
+            and not stale_reason(rec, arm_overrides(study, arms[rec["arm"]], rec["seed"], quick, out))]
+
+
 def current_losses(study_name: str, quick: bool) -> tuple[dict[tuple[str, int], float], dict[str, int]]:
-    """{(arm, seed): test loss} of the study's cached results made by today's code and config, and
+    """{(arm, seed): test loss} of the study's current results (:func:`current_records`), and
     {arm: seeds the study plans for it} (as its run_study counts them: --quick runs 2)."""
     study = importlib.import_module(study_name).STUDY
     seeds = 2 if quick else study.seeds
     planned = {a.name: min(seeds, a.seeds or seeds) for a in study.arms}
-    out = ROOT / "results" / "experiments" / (study_name + ("-quick" if quick else ""))
-    arms = {a.name: a for a in study.arms}
-    losses = {}
-    for rec in load_records(out) if out.is_dir() else []:
-        arm = arms.get(rec["arm"])
-        if arm is None or "test_lm_loss" not in rec:
-            continue
-        if not stale_reason(rec, arm_overrides(study, arm, rec["seed"], quick, out)):
-            losses[(rec["arm"], rec["seed"])] = rec["test_lm_loss"]
-    return losses, planned
+    return {(r["arm"], r["seed"]): r["test_lm_loss"] for r in current_records(study_name, quick)}, planned
+
+
+def compute(study_name: str, quick: bool) -> dict:
+    """What the study's current results cost: its (arm, seed) runs and LR-sweep runs made by
+    today's code, and the CPU-hours they took (each ran as one single-threaded process, so its
+    ``wall_s`` is its CPU time; process start-up and an upcycled arm's preparation are not in it)."""
+    study = importlib.import_module(study_name).STUDY
+    out = _cache(study_name, quick)
+    sweeps = [rec for family in study.lr_sweep for lr, rec in sweep_records(study, out, family).items()
+              if not stale_reason(rec, declared(study, _sweep_arm(study, family), SWEEP_SEED, quick, lr))]
+    runs = current_records(study_name, quick)
+    return {"study": study_name, "runs": len(runs), "sweep_runs": len(sweeps),
+            "cpu_hours": sum(r.get("wall_s", 0.0) for r in runs + sweeps) / 3600}
 
 
 def paired_diffs(claim: Claim, losses: dict[tuple[str, int], float]) -> list[float]:
@@ -198,7 +219,28 @@ def scale_markdown(rows: list[dict], margin: float) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], prov: dict, quick: bool, margin: float, scale: list[dict] = ()) -> str:
+# Issue 31's budget: the whole suite in at most 12 hours of a 2-core machine, run as two
+# single-threaded processes (the studies' own instruction).
+BUDGET_HOURS, CORES = 12.0, 2
+
+
+def compute_markdown(costs: list[dict]) -> list[str]:
+    total = sum(c["cpu_hours"] for c in costs)
+    wall = total / CORES
+    lines = ["", "## What the suite cost", "",
+             "The CPU-hours of the results these tables read (today's code: each study's (arm, seed) runs "
+             "and its LR sweep), summed from each run's `wall_s`; runs left stale by later code and runs "
+             "stopped midway are not counted.", "",
+             "| study | runs | LR-sweep runs | CPU-hours |", "|---|---|---|---|"]
+    lines += [f"| {c['study']} | {c['runs']} | {c['sweep_runs']} | {c['cpu_hours']:.1f} |" for c in costs]
+    lines += [f"| all | {sum(c['runs'] for c in costs)} | {sum(c['sweep_runs'] for c in costs)} | {total:.1f} |", "",
+              f"{total:.1f} CPU-hours is {wall:.1f} hours as {CORES} single-threaded processes on {CORES} cores: "
+              + ("within" if wall <= BUDGET_HOURS else "over") + f" issue 31's {BUDGET_HOURS:g}-hour budget."]
+    return lines
+
+
+def markdown(rows: list[dict], prov: dict, quick: bool, margin: float, scale: list[dict] = (),
+             costs: list[dict] = ()) -> str:
     from megamoe.provenance import markdown_header
 
     m = sum(1 for r in rows if r["claim"] != "pending")
@@ -218,6 +260,8 @@ def markdown(rows: list[dict], prov: dict, quick: bool, margin: float, scale: li
                      f"{delta} | {p} | {verdict} | **{r['claim']}** |")
     if scale:
         lines += scale_markdown(scale, margin)
+    if costs:
+        lines += compute_markdown(costs)
     return "\n".join(lines) + "\n"
 
 
@@ -228,15 +272,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="read the --quick caches (toy size: not a result)")
     args = p.parse_args(argv)
-    losses = {s: current_losses(s, args.quick) for s in dict.fromkeys(c.study for c in CLAIMS)}
+    studies = ("routing", "mpoe", "balance")
+    losses = {s: current_losses(s, args.quick) for s in studies}
+    costs = [compute(s, args.quick) for s in studies]
     margin = Study.margin  # the studies' own equivalence margin
     rows = assess(CLAIMS, losses, margin)
     scale = assess(SCALE, losses, margin)
     prov = provenance("python tools/experiments/claims.py" + (" --quick" if args.quick else ""))
     out = ROOT / "results" / "experiments" / ("claims-quick" if args.quick else "claims")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({**prov, "margin": margin, "claims": rows, "scale": scale}, indent=1) + "\n")
-    md = markdown(rows, prov, args.quick, margin, scale)
+    data = {**prov, "margin": margin, "claims": rows, "scale": scale, "compute": costs}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
+    md = markdown(rows, prov, args.quick, margin, scale, costs)
     atomic_write_text(out.with_suffix(".md"), md)
     print0(md)
     print0(f"wrote {out}.md and .json")

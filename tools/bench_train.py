@@ -317,6 +317,10 @@ def main(argv=None) -> int:
     g.add_argument("--top-k", type=int, default=1, help="experts per token")
     g.add_argument("--ffn", type=int, default=0, help="expert FFN width F (0 = sized by --target-params)")
     g.add_argument("--target-params", type=float, default=1e9, help="total parameters each MoE case is sized to")
+    ap.add_argument("--peak-n", type=int, default=None,
+                    help="matmul size n of the MFU peak (default 2048 CPU, the trainer's 8192 CUDA); a CPU "
+                         "without native bf16 runs a 2048^3 bf16 matmul at ~1 GFLOP/s, so the peak alone "
+                         "takes minutes there: smoke runs pass a small n")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--megamoe-loop", default="deepspeed", choices=["deepspeed", "plain"],
                     help="megamoe through its DeepSpeed engine (default) or the baselines' plain AdamW loop")
@@ -361,9 +365,9 @@ def main(argv=None) -> int:
     if not cuda:  # the allocator megamoe's start-up sets, for BOTH sides (a --no-megamoe run sets none)
         keep_freed_cpu_memory()
     # CPU keeps its published denominator (2048^3 x 4, best of 3); CUDA uses the trainer's sizes.
-    peak = 0.0
+    peak, peak_n = 0.0, args.peak_n or (None if cuda else 2048)
     if not args.block_worker:  # a block worker only times steps; its parent has the peak
-        peak = measure_peak_flops(precision, n=None if cuda else 2048, reps=None if cuda else 4, device=args.device)
+        peak = measure_peak_flops(precision, n=peak_n, reps=None if cuda else 4, device=args.device)
         print(f"matmul peak ({precision}, {args.device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
     cases = gpu_cases(args, only) if sized else {c: CASES[c] for c in only}
     backend = _expert_backend(args.device)
@@ -449,8 +453,7 @@ def main(argv=None) -> int:
     # The peak again at the end, and the higher reading is the denominator: on a shared machine
     # one reading taken in a slow spell understates the peak and inflates every MFU (a start-only
     # peak of 143 GFLOP/s gave 94% MFU on the machine where 188 GFLOP/s is typical).
-    peak = max(peak, measure_peak_flops(precision, n=None if cuda else 2048, reps=None if cuda else 4,
-                                        device=args.device))
+    peak = max(peak, measure_peak_flops(precision, n=peak_n, reps=None if cuda else 4, device=args.device))
     for row in rows:
         for impl in ("megamoe", "transformers", "ds_ep2_2rank"):
             if f"{impl}_tokens_per_s" in row:

@@ -216,7 +216,7 @@ else
   EVAL_ARGS=(--max-batches 2 --micro-batch-size 2)
   BENCH_MOE=(--device cpu --experts 4 --tokens 256 --hidden 32 --ffn 64 --reps 1 --budget-s 5)
   BENCH_TRAIN=(--device cpu --arch flags --precision bf16 --zero-stage 2 --only e8 --hidden 32 --layers 2 --heads 4
-               --vocab 64 --seq 32 --micro-batch 2 --target-params 1e5 --steps 1 --rounds 1 --warmup 1 --no-hf --threads 1)
+               --vocab 64 --seq 32 --micro-batch 2 --target-params 1e5 --steps 1 --rounds 1 --warmup 1 --no-hf --threads 1 --peak-n 256)
 fi
 
 # ---- env ---------------------------------------------------------------------------------------
